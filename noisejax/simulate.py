@@ -1,0 +1,364 @@
+"""Monte Carlo engine: streamed, sharded, and bitwise reproducible.
+
+:func:`monte_carlo` evaluates ``fn(key_i)`` for realizations ``i = 0 .. n-1`` with
+``key_i = fold_in(key, i)`` and returns per-leaf mean, variance, standard error
+and SNR, without ever holding more than one *tile* of realizations in memory.
+
+How the result is made independent of chunk size and device count
+------------------------------------------------------------------
+Floating-point results depend on the order of additions and, for matrix
+products, on the shapes the backend sees.  The engine therefore fixes both:
+
+* **Tiles.**  Realizations ``[jT, (j+1)T)`` (``T = tile_size``) are always computed
+  together by one ``vmap`` of ``fn`` of width ``T`` — the same shapes whatever the
+  chunk size or device count.
+* **Lanes.**  Each tile feeds ``lanes`` Welford accumulators; realization ``i``
+  goes to lane ``i mod lanes`` of stream ``(i // T) mod streams``, and each
+  accumulator sees its realizations in increasing order.  Realizations outside
+  the requested range are masked out exactly (``where``), so a chunk may start or
+  end anywhere.
+* **Streams.**  ``streams`` independent accumulator sets are spread over the
+  devices with :func:`jax.shard_map` on a 1-D :class:`jax.sharding.Mesh`; tile ``j``
+  belongs to stream ``j mod streams``.  No communication happens until the end,
+  when the ``streams × lanes`` accumulators are merged (Chan et al.'s parallel
+  formula) in a fixed pairwise tree.
+
+Hence the same ``key`` gives bitwise the same statistics for any ``chunk_size``
+and any device count that divides ``streams`` — also across processes after
+``jax.distributed.initialize()``, since the program only uses ``jax.devices()``.
+
+Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from noisejax import simulate
+    >>> res = simulate.monte_carlo(lambda k: 3.0 + jax.random.normal(k, (2,)), jax.random.key(0), 10_000)
+    >>> res.mean.round(1), res.var.round(1)
+    (Array([3., 3.], dtype=float32), Array([1., 1.], dtype=float32))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from noisejax import _validate
+from noisejax.errors import InvalidArgumentError
+
+__all__ = ["MCResult", "Welford", "monte_carlo", "realization_keys", "merge", "finalize"]
+
+PyTree = Any
+_AXIS = "streams"
+
+
+# ----------------------------------------------------------------------------------
+# Streaming statistics
+# ----------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Welford:
+    """Running count, mean and sum of squared deviations (``m2``) per leaf."""
+
+    count: jax.Array
+    mean: PyTree
+    m2: PyTree
+
+
+@struct.dataclass
+class MCResult:
+    """Statistics over realizations, one entry per leaf of ``fn``'s output.
+
+    Attributes:
+      count: number of realizations ``n``.
+      mean: sample mean, same pytree structure/shapes as ``fn(key)``.
+      var: unbiased sample variance ``Σ(x - x̄)² / (n - 1)``.
+
+    Derived: ``std``, ``stderr`` (``√(var/n)``), ``snr`` (``mean² / var``), ``snr_db``.
+    """
+
+    count: jax.Array
+    mean: PyTree
+    var: PyTree
+
+    @property
+    def std(self) -> PyTree:
+        return jax.tree_util.tree_map(jnp.sqrt, self.var)
+
+    @property
+    def stderr(self) -> PyTree:
+        return jax.tree_util.tree_map(lambda v: jnp.sqrt(v / self.count), self.var)
+
+    @property
+    def snr(self) -> PyTree:
+        return jax.tree_util.tree_map(lambda m, v: jnp.square(m) / v, self.mean, self.var)
+
+    @property
+    def snr_db(self) -> PyTree:
+        return jax.tree_util.tree_map(lambda s: 10.0 * jnp.log10(s), self.snr)
+
+
+def _welford_update(state: Welford, x: PyTree, valid: jax.Array) -> Welford:
+    """Masked Welford step; ``x`` leaves and ``valid`` carry a leading lane axis."""
+    count = state.count + valid.astype(state.count.dtype)
+
+    def upd(mean, m2, xi):
+        v = valid.reshape(valid.shape + (1,) * (xi.ndim - 1))
+        c = jnp.maximum(count, 1).astype(xi.dtype).reshape(v.shape)
+        delta = xi - mean
+        new_mean = mean + delta / c
+        new_m2 = m2 + delta * (xi - new_mean)
+        return jnp.where(v, new_mean, mean), jnp.where(v, new_m2, m2)
+
+    mean, m2 = _map_pairs(upd, state.mean, state.m2, x)
+    return Welford(count, mean, m2)
+
+
+def _map_pairs(f, *trees):
+    """Map ``f`` returning a pair over leaves; return two trees (safe for tuple-valued trees)."""
+    leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+    treedef = jax.tree_util.tree_structure(trees[0])
+    out = [f(*args) for args in zip(*leaves)]
+    return (
+        jax.tree_util.tree_unflatten(treedef, [o[0] for o in out]),
+        jax.tree_util.tree_unflatten(treedef, [o[1] for o in out]),
+    )
+
+
+def merge(a: Welford, b: Welford) -> Welford:
+    """Chan et al.'s parallel merge of two accumulators (elementwise over leaves)."""
+    n = a.count + b.count
+
+    def one(ma, m2a, mb, m2b):
+        shape = a.count.shape + (1,) * (ma.ndim - a.count.ndim)
+        na = a.count.astype(ma.dtype).reshape(shape)
+        nb = b.count.astype(ma.dtype).reshape(shape)
+        nn = jnp.maximum(na + nb, 1)
+        delta = mb - ma
+        mean = ma + delta * (nb / nn)
+        m2 = m2a + m2b + jnp.square(delta) * (na * nb / nn)
+        return mean, m2
+
+    mean, m2 = _map_pairs(one, a.mean, a.m2, b.mean, b.m2)
+    return Welford(n, mean, m2)
+
+
+def _tree_reduce_axis0(state: Welford) -> Welford:
+    """Merge accumulators stacked on axis 0 in a fixed pairwise tree ((0,1), (2,3), ...)."""
+    while state.count.shape[0] > 1:
+        k = state.count.shape[0]
+        even = jax.tree_util.tree_map(lambda x: x[0 : k - k % 2 : 2], state)
+        odd = jax.tree_util.tree_map(lambda x: x[1 : k - k % 2 : 2], state)
+        merged = merge(even, odd)
+        if k % 2:
+            rest = jax.tree_util.tree_map(lambda x: x[k - 1 :], state)
+            merged = jax.tree_util.tree_map(lambda m, r: jnp.concatenate([m, r]), merged, rest)
+        state = merged
+    return jax.tree_util.tree_map(lambda x: x[0], state)
+
+
+def finalize(state: Welford) -> MCResult:
+    """Turn an accumulator (no stacked axes) into an :class:`MCResult`."""
+    var = jax.tree_util.tree_map(lambda m2: m2 / jnp.maximum(state.count - 1, 1).astype(m2.dtype), state.m2)
+    return MCResult(state.count, state.mean, var)
+
+
+# ----------------------------------------------------------------------------------
+# Keys
+# ----------------------------------------------------------------------------------
+
+
+def realization_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+    """``fold_in(key, i)`` for every index (vectorized)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+
+def _key_codec(key):
+    """Split a key into (raw data, rebuild function) so it can cross shard_map."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(key)
+        return jax.random.key_data(key), lambda data: jax.random.wrap_key_data(data, impl=impl)
+    return key, lambda data: data
+
+
+# ----------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # older jax
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds, mesh):
+    """Compile-once function ``(state, key_data, start, stop) -> state`` for one chunk."""
+    n_dev = mesh.devices.size
+    local_streams = streams // n_dev
+    per_lane = tile // lanes
+
+    def tile_values(key_data, j):
+        base = j * tile
+        idx = (base + jnp.arange(tile, dtype=jnp.uint32)).astype(jnp.uint32)
+        key = rebuild_key(key_data)
+        return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(idx)
+
+    def update_with_tile(acc, key_data, j, start, stop):
+        vals = tile_values(key_data, j)
+        base = j * tile
+        # (per_lane, lanes, ...): row r holds realizations base + r*lanes + l
+        vals = jax.tree_util.tree_map(lambda v: v.reshape((per_lane, lanes) + v.shape[1:]), vals)
+        idx = base + jnp.arange(tile, dtype=jnp.uint32).reshape(per_lane, lanes)
+        valid = (idx >= start) & (idx < stop)
+
+        def step(a, xs):
+            v, ok = xs
+            return _welford_update(a, v, ok), None
+
+        acc, _ = lax.scan(step, acc, (vals, valid))
+        return acc
+
+    def local(state, key_data, start, stop):
+        dev = lax.axis_index(_AXIS)
+        first_round = start // jnp.uint32(tile * streams)
+
+        def per_stream(carry, xs):
+            acc, s_loc = xs
+            stream = dev.astype(jnp.uint32) * local_streams + s_loc
+
+            def per_round(a, q):
+                j = (first_round + q) * streams + stream
+                lo, hi = j * tile, (j + 1) * tile
+                needed = (hi > start) & (lo < stop)
+                a = lax.cond(needed, lambda a_: update_with_tile(a_, key_data, j, start, stop), lambda a_: a_, a)
+                return a, None
+
+            acc, _ = lax.scan(per_round, acc, jnp.arange(rounds, dtype=jnp.uint32))
+            return carry, acc
+
+        _, new = lax.scan(per_stream, None, (state, jnp.arange(local_streams, dtype=jnp.uint32)))
+        return new
+
+    spec_state = P(_AXIS)
+    sharded = _shard_map(local, mesh, in_specs=(spec_state, P(), P(), P()), out_specs=spec_state)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def _empty_state(out_struct, streams, lanes, sharding) -> Welford:
+    def zeros(s):
+        if not jnp.issubdtype(s.dtype, jnp.inexact):
+            raise InvalidArgumentError(f"fn must return floating-point arrays, got dtype {s.dtype}")
+        return jnp.zeros((streams, lanes) + tuple(s.shape), s.dtype)
+
+    def make():
+        return Welford(
+            jnp.zeros((streams, lanes), jnp.int32),
+            jax.tree_util.tree_map(zeros, out_struct),
+            jax.tree_util.tree_map(zeros, out_struct),
+        )
+
+    return jax.jit(make, out_shardings=sharding)()
+
+
+def monte_carlo(
+    fn: Callable[[jax.Array], PyTree],
+    key: jax.Array,
+    n_realizations: int,
+    *,
+    chunk_size: Optional[int] = None,
+    tile_size: int = 64,
+    lanes: int = 8,
+    streams: int = 8,
+    devices: Optional[Sequence[jax.Device]] = None,
+    progress: bool = False,
+    description: str = "realizations",
+) -> MCResult:
+    """Streaming Monte Carlo statistics of ``fn(fold_in(key, i))``, ``i < n_realizations``.
+
+    Args:
+      fn: one realization, ``fn(key) -> pytree`` of floating arrays (e.g. a noisy
+        forward pass over a batch of inputs).  Traced once.
+      key: base PRNG key (typed ``jax.random.key`` or legacy ``PRNGKey``).
+      n_realizations: ``n >= 2``.
+      chunk_size: realizations per compiled call (progress-bar granularity);
+        rounded up to whole rounds of ``tile_size * streams`` when larger than
+        one round.  Default: ``4 * tile_size * streams``.  Results do not depend on it.
+      tile_size: realizations vmapped together (the unit of computation and of
+        peak memory).  Results are bitwise reproducible for a fixed ``tile_size``.
+      lanes: Welford accumulators per tile position group; divides ``tile_size``.
+      streams: independent accumulator sets spread over devices; the number of
+        devices must divide it.
+      devices: devices to shard over (default: ``jax.devices()``, all hosts).
+      progress: show a tqdm progress bar.
+
+    Returns:
+      :class:`MCResult` with ``count``, ``mean``, ``var`` (and ``stderr``, ``snr``...).
+
+    Memory is ``O(streams · lanes · |output| + tile · |activations|)`` per device,
+    independent of ``n_realizations``.
+    """
+    n = _validate.check_int("n_realizations", n_realizations, minimum=2)
+    if n >= 2**32:
+        raise InvalidArgumentError(f"n_realizations must be < 2**32, got {n}")
+    tile = _validate.check_int("tile_size", tile_size, minimum=1)
+    lanes = _validate.check_int("lanes", lanes, minimum=1)
+    streams = _validate.check_int("streams", streams, minimum=1)
+    if tile % lanes:
+        raise InvalidArgumentError(f"lanes ({lanes}) must divide tile_size ({tile})")
+    devices = list(jax.devices() if devices is None else devices)
+    if streams % len(devices):
+        raise InvalidArgumentError(f"streams ({streams}) must be a multiple of the device count ({len(devices)})")
+    round_size = tile * streams
+    if chunk_size is None:
+        chunk_size = 4 * round_size
+    chunk = _validate.check_int("chunk_size", chunk_size, minimum=1)
+    if chunk > round_size:  # whole rounds, and no more than the run needs
+        chunk = min(-(-chunk // round_size), -(-n // round_size)) * round_size
+    rounds = -(-chunk // round_size) + (0 if chunk % round_size == 0 else 1)
+
+    if not callable(fn):
+        raise InvalidArgumentError("fn must be callable: fn(key) -> pytree of arrays")
+    key_data, rebuild = _key_codec(key)
+    out_struct = jax.eval_shape(fn, rebuild(key_data))
+
+    mesh = Mesh(np.asarray(devices), (_AXIS,))
+    state_sharding = NamedSharding(mesh, P(_AXIS))
+    state = _empty_state(out_struct, streams, lanes, state_sharding)
+    chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, lanes=lanes, streams=streams, rounds=rounds, mesh=mesh)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=description, unit="real", leave=False)
+    try:
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            state = chunk_fn(state, key_data, jnp.uint32(start), jnp.uint32(stop))
+            if bar is not None:
+                jax.block_until_ready(state.count)
+                bar.update(stop - start)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _finalize_sharded(state, mesh)
+
+
+def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
+    replicated = NamedSharding(mesh, P())
+
+    def fin(s):
+        flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), s)
+        return finalize(_tree_reduce_axis0(flat))
+
+    return jax.jit(fin, out_shardings=replicated)(state)
