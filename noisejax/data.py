@@ -83,13 +83,18 @@ class Dataset:
         )
 
 
-def split_indices(n: int, *, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Disjoint shuffled index sets ``(train, val, test)`` of ``range(n)``."""
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        _validate.check_real_number(name, f)
         if not (0.0 <= f < 1.0):
             raise InvalidArgumentError(f"{name} must be in [0, 1), got {f}")
     if val_fraction + test_fraction >= 1.0:
-        raise InvalidArgumentError("val_fraction + test_fraction must be < 1")
+        raise InvalidArgumentError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+
+
+def split_indices(n: int, *, val_fraction: float, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Disjoint shuffled index sets ``(train, val, test)`` of ``range(n)``."""
+    _check_fractions(val_fraction, test_fraction)
     perm = np.random.default_rng(seed).permutation(n)
     n_test = int(round(n * test_fraction))
     n_val = int(round(n * val_fraction))
@@ -162,6 +167,7 @@ def load_mnist1d(
     """
     n_samples = _validate.check_int("n_samples", n_samples, minimum=10)
     seed = _validate.check_int("seed", seed, minimum=0)
+    _check_fractions(val_fraction, test_fraction)
     x, y = _mnist1d_raw(n_samples, seed)
     tr, va, te = split_indices(len(y), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     mean, std = float(x[tr].mean()), float(x[tr].std())
@@ -239,8 +245,10 @@ def read_idx(path: PathLike, *, expected_magic: Optional[int] = None) -> np.ndar
         raise DataFormatError(f"{path}: wrong IDX magic number {magic}; expected unsigned-byte data (0x0000 08 NN)")
     ndim = raw[3]
     header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataFormatError(f"{path}: IDX header truncated or has {ndim} dimensions")
+    if ndim == 0:
+        raise DataFormatError(f"{path}: IDX header declares 0 dimensions")
+    if len(raw) < header:
+        raise DataFormatError(f"{path}: IDX header truncated, {len(raw)} bytes but {ndim} dimensions need {header}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) < expected:
@@ -308,6 +316,7 @@ def load_mnist(
     """
     root = _check_dir(data_dir, "MNIST")
     seed = _validate.check_int("seed", seed, minimum=0)
+    _check_fractions(val_fraction, 0.0)
     x_tr, y_tr = _read_mnist_pair(root, "train", (28, 28))
     x_te, y_te = _read_mnist_pair(root, "test", (28, 28))
     return _finish(
@@ -392,6 +401,7 @@ def load_cifar10(
     """
     root = _check_dir(data_dir, "CIFAR-10")
     seed = _validate.check_int("seed", seed, minimum=0)
+    _check_fractions(val_fraction, 0.0)
     if not (root / CIFAR10_TEST_FILE).is_file() and (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
     missing = [n for n in (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE) if not (root / n).is_file()]
