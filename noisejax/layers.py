@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from noisejax import _validate
+from noisejax import moments as _moments
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import NeuronNoise as _NeuronNoiseModel
 from noisejax.noise import apply_neuron_noise
@@ -111,7 +112,7 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
             y = y + params["b"]
         return y
 
-    return Layer(init, apply, None, 0, {"kind": "dense", "out_dim": out_dim})
+    return Layer(init, apply, _moments.dense_rule(use_bias=use_bias), 0, {"kind": "dense", "out_dim": out_dim})
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:
@@ -138,7 +139,7 @@ def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str
     def apply(params, x, *, key=None, noise=None):
         return _conv(params, x)
 
-    return Layer(init, apply, None, 0, {"kind": "conv", "out_chan": out_chan})
+    return Layer(init, apply, _moments.conv_rule(strides, padding, dn), 0, {"kind": "conv", "out_chan": out_chan})
 
 
 def Flatten() -> Layer:
@@ -150,7 +151,7 @@ def Flatten() -> Layer:
     def apply(params, x, *, key=None, noise=None):
         return x.reshape(-1)
 
-    return Layer(init, apply, None, 0, {"kind": "flatten"})
+    return Layer(init, apply, _moments.flatten_rule(), 0, {"kind": "flatten"})
 
 
 # ----------------------------------------------------------------------------------
@@ -167,14 +168,15 @@ def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", **spec)
     def apply(params, x, *, key=None, noise=None):
         return fn(x)
 
-    return Layer(init, apply, None, 0, {"kind": "activation", "name": name, "fn": fn, **spec})
+    return Layer(init, apply, _moments.activation_rule(fn), 0, {"kind": "activation", "name": name, "fn": fn, **spec})
 
 
 def Linear(slope: float = 1.0) -> Layer:
     """``f(x) = slope · x`` (the paper's linear neuron with slope α)."""
     _validate.check_real_number("Linear.slope", slope)
     slope = float(slope)
-    return Elementwise(lambda x: slope * x, "linear", slope=slope)
+    fn = lambda x: slope * x  # noqa: E731
+    return Elementwise(fn, "linear", slope=slope)._replace(moments=_moments.activation_rule(fn, kind="linear", slope=slope))
 
 
 def Sigmoid() -> Layer:
@@ -189,12 +191,14 @@ def Tanh() -> Layer:
 
 def Relu() -> Layer:
     """``f(x) = max(x, 0)``."""
-    return Elementwise(jax.nn.relu, "relu")
+    return Elementwise(jax.nn.relu, "relu")._replace(moments=_moments.activation_rule(jax.nn.relu, kind="relu"))
 
 
 def Erf() -> Layer:
     """``f(x) = erf(x)``."""
-    return Elementwise(jax.scipy.special.erf, "erf")
+    return Elementwise(jax.scipy.special.erf, "erf")._replace(
+        moments=_moments.activation_rule(jax.scipy.special.erf, kind="erf")
+    )
 
 
 ACTIVATIONS: dict[str, Callable[[], Layer]] = {
@@ -251,7 +255,7 @@ def NeuronNoise() -> Layer:
             raise InvalidArgumentError("apply(..., noise=...) needs key=: a noisy forward pass draws random numbers")
         return apply_neuron_noise(x, noise, key=key)
 
-    return Layer(init, apply, None, 1, {"kind": "neuron_noise"})
+    return Layer(init, apply, _moments.neuron_noise_rule(), 1, {"kind": "neuron_noise"})
 
 
 # ----------------------------------------------------------------------------------
