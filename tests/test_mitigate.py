@@ -1,0 +1,302 @@
+"""Tests of noisejax.mitigate: pooling, ghost neurons, slope scaling.
+
+Noise statistics are checked three ways: Monte Carlo (one compiled run for all
+networks, tolerances from the sample count), an exact NumPy reference written
+here, and the analytic moments of noisejax.moments.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisejax import layers, mitigate, noise, simulate
+from noisejax.errors import InvalidArgumentError, ShapeMismatchError
+
+N_MC = 40_960  # var estimate rel. std sqrt(2/(n-1)) ≈ 0.7 %
+REL_SIGMA = np.sqrt(2.0 / (N_MC - 1))
+P = 4
+D = {"add_uncorrelated": 0.02, "add_correlated": 0.03, "mul_uncorrelated": 0.05, "mul_correlated": 0.04}
+TYPES = tuple(D)
+GROUPS = {"unc": ("add_uncorrelated", "mul_uncorrelated"), "cor": ("add_correlated", "mul_correlated")}
+
+
+def _only(*kinds):
+    return noise.NeuronNoise(**{k: (D[k] if k in kinds else 0.0) for k in TYPES})
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _two_layer(seed=0):
+    """Noisy sigmoid layer 6 → 5, then a noise-free linear read-out 5 → 3 (the 'next layer')."""
+    rng = np.random.default_rng(seed)
+    W0 = rng.normal(0, 0.8, (6, 5)).astype(np.float32)
+    b0 = rng.normal(0, 0.3, 5).astype(np.float32)
+    W1 = (rng.normal(0.4, 0.7, (5, 3))).astype(np.float32)  # nonzero mean: correlated noise gets through
+    b1 = rng.normal(0, 0.3, 3).astype(np.float32)
+    blocks = [
+        layers.serial(layers.Dense(5), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Dense(3), layers.Linear(1.0)),
+    ]
+    net = layers.serial(*blocks)
+    params = (({"W": jnp.asarray(W0), "b": jnp.asarray(b0)}, (), ()), ({"W": jnp.asarray(W1), "b": jnp.asarray(b1)}, ()))
+    return net, params, (W0, b0, W1, b1)
+
+
+def _exact_next_var(kind, W0, b0, W1, x, d):
+    """Variance of the next pre-activation (B, 3) when only layer 0 is noisy (NumPy reference)."""
+    h = _sigmoid(x @ W0 + b0)  # (B, 5) noise-free activations
+    if kind == "add_uncorrelated":
+        return np.broadcast_to((W1**2).sum(0) * d, (x.shape[0], W1.shape[1]))
+    if kind == "add_correlated":
+        return np.broadcast_to(W1.sum(0) ** 2 * d, (x.shape[0], W1.shape[1]))
+    if kind == "mul_uncorrelated":
+        return (h**2) @ (W1**2) * d
+    return (h @ W1) ** 2 * d
+
+
+@pytest.fixture(scope="module")
+def setup():
+    net, params, (W0, b0, W1, b1) = _two_layer()
+    x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 6)).astype(np.float32))
+    pnet, pparams = mitigate.pool(net, params, P)
+    # ghost test network: 3 noisy sigmoid layers, correlated additive noise everywhere
+    gnet0 = layers.mlp([6, 7, 5, 3], "sigmoid")
+    _, gp0 = gnet0.init(jax.random.key(3), (6,))
+    gp0 = jax.tree_util.tree_map(lambda a: a + 0.3, gp0)  # nonzero-mean weights and biases
+    gnet, gparams = mitigate.ghost_neurons(gnet0, gp0)
+    ac = noise.NeuronNoise(add_correlated=0.05)
+
+    # for the moments: every type present (zeros elsewhere), one compiled prediction per network
+    nzs = {k: _only(k) for k in D}
+    groups = {g: noise.NeuronNoise(**{k: D[k] for k in kinds}) for g, kinds in GROUPS.items()}
+
+    def fn(key):
+        out = {}
+        for i, (k, nz) in enumerate(groups.items()):
+            kk = jax.random.fold_in(key, i)
+            out["plain_" + k] = layers.apply_batch(net, params, x, key=kk, noise=(nz,))
+            out["pool_" + k] = layers.apply_batch(pnet, pparams, x, key=kk, noise=(nz,))
+        out["ghost_plain"] = layers.apply_batch(gnet0, gp0, x, key=jax.random.fold_in(key, 10), noise=ac)
+        out["ghost"] = layers.apply_batch(gnet, gparams, x, key=jax.random.fold_in(key, 10), noise=ac)
+        return out
+
+    mc = simulate.monte_carlo(fn, jax.random.key(42), N_MC, tile_size=256)
+    return dict(
+        net=net, params=params, pnet=pnet, pparams=pparams, W=(W0, b0, W1, b1), x=x, mc=mc, nzs=nzs,
+        gnet0=gnet0, gp0=gp0, gnet=gnet, gparams=gparams, ac=ac,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Pooling
+# ----------------------------------------------------------------------------------
+
+
+def test_pool_structure_and_noise_free_output(setup):
+    s = setup
+    assert mitigate.widths(s["pnet"], s["pparams"]) == [6, 5 * P, 3]
+    assert s["pnet"].n_sites == s["net"].n_sites
+    y0 = layers.apply_batch(s["net"], s["params"], s["x"])
+    y1 = layers.apply_batch(s["pnet"], s["pparams"], s["x"])
+    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_pool_matches_exact_reference(setup, group):
+    """MC variance of the next pre-activation vs the NumPy formula, plain and pooled (5 sigma).
+
+    The independent sources add: the reference is the sum of the exact terms of
+    the group's two noise types.
+    """
+    s = setup
+    W0, b0, W1, _ = s["W"]
+    exact = sum(_exact_next_var(k, W0, b0, W1, np.asarray(s["x"]), D[k]) for k in GROUPS[group])
+    factor = 1.0 / P if group == "unc" else 1.0
+    for prefix, expected in (("plain_", exact), ("pool_", exact * factor)):
+        got = np.asarray(s["mc"].var[prefix + group])
+        np.testing.assert_allclose(got, expected, rtol=5 * REL_SIGMA, atol=0)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_pool_divides_uncorrelated_by_P_keeps_correlated(setup, group):
+    s = setup
+    ratio = float(jnp.sum(s["mc"].var["pool_" + group]) / jnp.sum(s["mc"].var["plain_" + group]))
+    target = 1.0 / P if group == "unc" else 1.0
+    # ratio of two independent variance estimates: rel. std <= 2/sqrt(n) = 1 %; the claim is ±5 %
+    assert abs(ratio / target - 1.0) <= 0.05, (group, ratio, target)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_pool_moments_agree(setup, kind):
+    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
+    s = setup
+    W0, b0, W1, _ = s["W"]
+    exact = _exact_next_var(kind, W0, b0, W1, np.asarray(s["x"]), D[kind])
+    nz = (s["nzs"][kind],)
+    plain = np.asarray(moments.predict(s["net"], s["params"], s["x"], noise=nz)[-1].var)
+    pooled = np.asarray(moments.predict(s["pnet"], s["pparams"], s["x"], noise=nz)[-1].var)
+    factor = 1.0 / P if kind.endswith("uncorrelated") else 1.0
+    np.testing.assert_allclose(plain, exact, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(pooled, exact * factor, rtol=1e-4, atol=1e-9)
+
+
+def test_pool_last_layer_appends_averaging_readout():
+    net = layers.mlp([4, 3, 2], "tanh")
+    _, params = net.init(jax.random.key(0), (4,))
+    pnet, pparams = mitigate.pool(net, params, 3)
+    assert mitigate.widths(pnet, pparams) == [4, 9, 6, 2]
+    blk = mitigate.blocks(pnet, pparams)
+    assert blk[-1].act is None and not blk[-1].noisy
+    np.testing.assert_allclose(np.asarray(blk[-1].W), np.repeat(np.eye(2), 3, axis=0) / 3, rtol=1e-6)
+    # without the read-out: n_out * P outputs whose groups average to the original output
+    qnet, qparams = mitigate.pool(net, params, 3, readout=False)
+    x = jnp.linspace(-1, 1, 4)
+    y = np.asarray(qnet.apply(qparams, x)).reshape(2, 3).mean(-1)
+    np.testing.assert_allclose(y, np.asarray(net.apply(params, x)), atol=1e-6)
+
+
+def test_pool_per_layer_copies():
+    net = layers.mlp([4, 3, 5, 2], "relu")
+    _, params = net.init(jax.random.key(0), (4,))
+    pnet, pparams = mitigate.pool(net, params, {1: 2})
+    assert mitigate.widths(pnet, pparams) == [4, 3, 10, 2]
+    pnet, pparams = mitigate.pool(net, params, 2, layers_to_pool=[0])
+    assert mitigate.widths(pnet, pparams) == [4, 6, 5, 2]
+    x = jnp.linspace(-1, 1, 4)
+    np.testing.assert_allclose(pnet.apply(pparams, x), net.apply(params, x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Ghost neurons
+# ----------------------------------------------------------------------------------
+
+
+def test_ghost_structure_and_noise_free_output(setup):
+    s = setup
+    assert mitigate.widths(s["gnet"], s["gparams"]) == [6, 8, 6, 4, 3]
+    y0 = layers.apply_batch(s["gnet0"], s["gp0"], s["x"])
+    y1 = layers.apply_batch(s["gnet"], s["gparams"], s["x"])
+    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5
+
+
+def test_ghost_removes_correlated_additive_noise_mc(setup):
+    s = setup
+    v_plain = float(jnp.sum(s["mc"].var["ghost_plain"]))
+    v_ghost = float(jnp.sum(s["mc"].var["ghost"]))
+    assert v_plain > 1e-3  # the test can fail: the plain output does carry correlated noise
+    assert v_ghost <= 0.05 * v_plain, (v_ghost, v_plain)
+
+
+def test_ghost_removes_correlated_additive_noise_moments(setup):
+    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
+    s = setup
+    v_plain = np.asarray(moments.predict(s["gnet0"], s["gp0"], s["x"], noise=s["ac"])[-1].var)
+    v_ghost = np.asarray(moments.predict(s["gnet"], s["gparams"], s["x"], noise=s["ac"])[-1].var)
+    # the analytic prediction agrees with Monte Carlo on the plain network ...
+    np.testing.assert_allclose(v_plain, np.asarray(s["mc"].var["ghost_plain"]), rtol=5 * REL_SIGMA + 0.02)
+    # ... and says the ghost network keeps < 5 % of it
+    assert v_ghost.sum() <= 0.05 * v_plain.sum(), (v_ghost.sum(), v_plain.sum())
+
+
+def test_ghost_exact_cancellation_linear_next_layer():
+    """Hidden ghost, linear read-out: the correlated additive noise cancels exactly (NumPy check)."""
+    net, params, (W0, b0, W1, b1) = _two_layer(seed=5)
+    gnet, gparams = mitigate.ghost_neurons(net, params)  # last block has no noise site: no read-out ghost
+    assert mitigate.widths(gnet, gparams) == [6, 6, 3]
+    blk = mitigate.blocks(gnet, gparams)
+    np.testing.assert_allclose(np.asarray(blk[1].W[-1]), -W1.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(blk[1].b), b1 + 0.5 * W1.sum(0), rtol=1e-6)
+    # a correlated shift c of every layer-0 output (ghost included) does not move the output
+    x = np.random.default_rng(0).uniform(-1, 1, 6).astype(np.float32)
+    h = np.append(_sigmoid(x @ W0 + b0), 0.5)
+    for c in (-1.0, 0.3, 2.0):
+        out = (h + c) @ np.asarray(blk[1].W) + np.asarray(blk[1].b)
+        np.testing.assert_allclose(out, _sigmoid(x @ W0 + b0) @ W1 + b1, atol=1e-5)
+
+
+def test_ghost_options():
+    net = layers.mlp([4, 3, 2], "sigmoid")
+    _, params = net.init(jax.random.key(0), (4,))
+    gnet, gparams = mitigate.ghost_neurons(net, params, readout=False)
+    assert mitigate.widths(gnet, gparams) == [4, 4, 2]
+    with pytest.raises(InvalidArgumentError, match="readout"):
+        mitigate.ghost_neurons(net, params, layers_with_ghost=[1], readout=False)
+    # pooling and ghosts compose, noise-free output unchanged
+    cnet, cparams = mitigate.ghost_neurons(*mitigate.pool(net, params, 2))
+    x = jnp.linspace(0, 1, 4)
+    np.testing.assert_allclose(cnet.apply(cparams, x), net.apply(params, x), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Slope scaling
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["linear:0.8", "relu"])
+def test_scale_slope_exact_for_linear_and_relu(act):
+    net = layers.mlp([5, 6, 4, 3], act)
+    _, params = net.init(jax.random.key(1), (5,))
+    params = jax.tree_util.tree_map(lambda a: a + 0.2, params)
+    snet, sparams = mitigate.scale_slope(net, params, {0: 3.0, 1: 0.25})
+    x = jax.random.normal(jax.random.key(2), (8, 5))
+    y0 = layers.apply_batch(net, params, x)
+    y1 = layers.apply_batch(snet, sparams, x)
+    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(y0))))
+    blk0, blk1 = mitigate.blocks(net, params), mitigate.blocks(snet, sparams)
+    if act.startswith("linear"):
+        assert blk1[0].act["slope"] == pytest.approx(0.8 * 3.0) and blk1[1].act["slope"] == pytest.approx(0.8 * 0.25)
+        np.testing.assert_allclose(blk1[1].W, blk0[1].W / 3.0, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(blk1[0].W, blk0[0].W * 3.0, rtol=1e-6)
+        np.testing.assert_allclose(blk1[1].W, blk0[1].W / 3.0 * 0.25, rtol=1e-6)
+
+
+def test_scale_slope_reduces_additive_noise_reaching_next_layer():
+    """s > 1 on a linear layer: its additive noise reaches the next layer divided by s²."""
+    net = layers.mlp([3, 4, 2], "linear")
+    _, params = net.init(jax.random.key(0), (3,))
+    snet, sparams = mitigate.scale_slope(net, params, {0: 2.0})
+    W1 = np.asarray(params[1][0]["W"])
+    Ws = np.asarray(sparams[1][0]["W"])
+    np.testing.assert_allclose((Ws**2).sum(0), (W1**2).sum(0) / 4.0, rtol=1e-6)
+
+
+def test_scale_slope_sigmoid_is_approximate():
+    net = layers.mlp([5, 6, 3], "sigmoid")
+    _, params = net.init(jax.random.key(1), (5,))
+    x = jax.random.normal(jax.random.key(2), (16, 5))
+    y0 = layers.apply_batch(net, params, x)
+    err = {}
+    for s in (1.05, 3.0):
+        snet, sparams = mitigate.scale_slope(net, params, {0: s})
+        err[s] = float(jnp.max(jnp.abs(layers.apply_batch(snet, sparams, x) - y0)))
+    assert 0 < err[1.05] < err[3.0]  # first-order compensation: small for s near 1, not exact
+
+
+# ----------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------
+
+
+def test_validation_errors():
+    net = layers.mlp([4, 3, 2], "sigmoid")
+    _, params = net.init(jax.random.key(0), (4,))
+    with pytest.raises(InvalidArgumentError, match="serial"):
+        mitigate.pool(layers.Dense(3), {"W": jnp.ones((4, 3))}, 2)
+    with pytest.raises(InvalidArgumentError, match="blocks"):
+        mitigate.pool(layers.serial(layers.Dense(3), layers.Sigmoid()), ({"W": jnp.ones((4, 3))}, ()), 2)
+    with pytest.raises(ShapeMismatchError, match="params"):
+        mitigate.pool(net, params[:1], 2)
+    with pytest.raises(InvalidArgumentError, match="copies"):
+        mitigate.pool(net, params, 0)
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        mitigate.pool(net, params, 2, layers_to_pool=[5])
+    with pytest.raises(InvalidArgumentError, match="scales"):
+        mitigate.scale_slope(net, params, {0: -1.0})
+    with pytest.raises(InvalidArgumentError, match="entries"):
+        mitigate.scale_slope(net, params, [1.0, 2.0, 3.0])
