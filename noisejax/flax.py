@@ -359,9 +359,9 @@ def noisy_nnx(
         for path, m in chosen:
             cls = type(m)
             sub = _noisy_subclass(cls, methods)
+            swapped.append((m, cls))
             _NNX_ACTIVE[id(m)] = (injector, path)
             object.__setattr__(m, "__class__", sub)
-            swapped.append((m, cls))
         yield injector.sites
     finally:
         for m, cls in swapped:
@@ -394,12 +394,17 @@ def call_with_neuron_noise_nnx(
 # ----------------------------------------------------------------------------------
 
 
-def _check_perturbation(perturbation: Any) -> None:
+def _check_perturbation(perturbation: Any, key: Any) -> None:
     if not callable(getattr(perturbation, "apply", None)):
         raise InvalidArgumentError(
             "perturbation must have .apply(params, key=...) (AdditiveWeightNoise, MultiplicativeWeightNoise, "
             f"Quantization), got {type(perturbation).__name__}"
         )
+    if key is None:
+        if isinstance(perturbation, (_noise.AdditiveWeightNoise, _noise.MultiplicativeWeightNoise)):
+            raise InvalidArgumentError(f"key= is required for {type(perturbation).__name__}")
+    else:
+        _check_key(key)
 
 
 def _replace_collection(variables: Any, collection: str, value: PyTree) -> Any:
@@ -420,10 +425,8 @@ def _linen_collection(variables: Any, collection: str) -> PyTree:
 def perturb_weights_linen(variables: PyTree, perturbation: Any, *, key: Optional[Array] = None, collection: str = "params") -> PyTree:
     """Apply a weight perturbation (``AdditiveWeightNoise``, ``MultiplicativeWeightNoise``,
     ``Quantization``) to ``variables[collection]``; other collections are returned as is."""
-    _check_perturbation(perturbation)
+    _check_perturbation(perturbation, key)
     params = _linen_collection(variables, collection)
-    if key is not None:
-        _check_key(key)
     return _replace_collection(variables, collection, perturbation.apply(params, key=key))
 
 
@@ -468,9 +471,7 @@ def perturb_weights_nnx(model: nnx.Module, perturbation: Any, *, key: Optional[A
 
     The original model is unchanged; ``BatchStat`` and other variables are copied as is.
     """
-    _check_perturbation(perturbation)
-    if key is not None:
-        _check_key(key)
+    _check_perturbation(perturbation, key)
     return _nnx_perturb(model, variable_type, lambda params: perturbation.apply(params, key=key))
 
 

@@ -521,6 +521,7 @@ def _bad_cases(model, variables, x, nm):
         ("nan wnr", lambda: njf.add_weight_noise_linen(variables, float("nan"), key=k), InvalidArgumentError, "wnr_db"),
         ("bad scope", lambda: njf.add_weight_noise_linen(variables, 10.0, key=k, scope="layer"), InvalidArgumentError, "scope"),
         ("perturbation", lambda: njf.perturb_weights_linen(variables, 3.0), InvalidArgumentError, "perturbation"),
+        ("perturbation needs key", lambda: njf.perturb_weights_nnx(nm, noise.MultiplicativeWeightNoise(0.1)), InvalidArgumentError, "key"),
         ("nnx weight model", lambda: njf.add_weight_noise_nnx(variables, 10.0, key=k), InvalidArgumentError, "model"),
         ("nnx weight key", lambda: njf.add_weight_noise_nnx(nm, 10.0, key=None), InvalidArgumentError, "key"),
         ("nnx no params", lambda: njf.add_weight_noise_nnx(nnx.Sequential(), 10.0, key=k), InvalidArgumentError, "Param"),
