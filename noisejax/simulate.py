@@ -106,15 +106,22 @@ class MCResult:
 
 
 def _welford_update(state: Welford, x: PyTree, valid: jax.Array) -> Welford:
-    """Masked Welford step; ``x`` leaves and ``valid`` carry a leading lane axis."""
+    """Masked Welford step; ``x`` leaves and ``valid`` carry a leading lane axis.
+
+    The rounding of every operation is pinned down explicitly: ``1/count`` is
+    computed once and multiplied in, and optimization barriers keep XLA from
+    contracting products and sums into FMAs (or sharing reciprocals) in some
+    compilation contexts and not in others — otherwise the last bits would depend
+    on the program around the update (chunk size, device count, output pytree).
+    """
     count = state.count + valid.astype(state.count.dtype)
 
     def upd(mean, m2, xi):
         v = valid.reshape(valid.shape + (1,) * (xi.ndim - 1))
-        c = jnp.maximum(count, 1).astype(xi.dtype).reshape(v.shape)
+        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(xi.dtype)).reshape(v.shape)
         delta = xi - mean
-        new_mean = mean + delta / c
-        new_m2 = m2 + delta * (xi - new_mean)
+        new_mean = mean + lax.optimization_barrier(delta * inv)
+        new_m2 = m2 + lax.optimization_barrier(delta * (xi - new_mean))
         return jnp.where(v, new_mean, mean), jnp.where(v, new_m2, m2)
 
     mean, m2 = _map_pairs(upd, state.mean, state.m2, x)
@@ -214,7 +221,10 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds
         return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(idx)
 
     def update_with_tile(acc, key_data, j, start, stop):
-        vals = tile_values(key_data, j)
+        # Barriers isolate the tile's computation from the program around it, so XLA
+        # fuses (and rounds) it the same way whatever the chunk size or device count.
+        key_data, j = lax.optimization_barrier((key_data, j))
+        vals = lax.optimization_barrier(tile_values(key_data, j))
         base = j * tile
         # (per_lane, lanes, ...): row r holds realizations base + r*lanes + l
         vals = jax.tree_util.tree_map(lambda v: v.reshape((per_lane, lanes) + v.shape[1:]), vals)
@@ -228,8 +238,10 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds
         acc, _ = lax.scan(step, acc, (vals, valid))
         return acc
 
-    def local(state, key_data, start, stop):
-        dev = lax.axis_index(_AXIS)
+    def local(state, dev_ids, key_data, start, stop):
+        # The device index arrives as data (not lax.axis_index) so that a 1-device run
+        # cannot constant-fold it and compile the tile differently from a sharded run.
+        dev = dev_ids[0]
         first_round = start // jnp.uint32(tile * streams)
 
         def per_stream(carry, xs):
@@ -250,8 +262,10 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds
         return new
 
     spec_state = P(_AXIS)
-    sharded = _shard_map(local, mesh, in_specs=(spec_state, P(), P(), P()), out_specs=spec_state)
-    return jax.jit(sharded, donate_argnums=0)
+    sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P()), out_specs=spec_state)
+    compiled = jax.jit(sharded, donate_argnums=0)
+    dev_ids = jax.device_put(jnp.arange(n_dev, dtype=jnp.uint32), NamedSharding(mesh, spec_state))
+    return lambda state, key_data, start, stop: compiled(state, dev_ids, key_data, start, stop)
 
 
 def _empty_state(out_struct, streams, lanes, sharding) -> Welford:
@@ -355,10 +369,18 @@ def monte_carlo(
 
 
 def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
+    """Gather the accumulators (small: streams × lanes × output) and merge them on one device.
+
+    The merge runs on a single device with a fixed program, so its rounding is the
+    same whatever the number of devices that produced the accumulators.
+    """
     replicated = NamedSharding(mesh, P())
+    gathered = jax.jit(lambda s: s, out_shardings=replicated)(state)
+    local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), gathered)
+    return _finalize_local(local)
 
-    def fin(s):
-        flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), s)
-        return finalize(_tree_reduce_axis0(flat))
 
-    return jax.jit(fin, out_shardings=replicated)(state)
+@jax.jit
+def _finalize_local(state: Welford) -> MCResult:
+    flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), state)
+    return finalize(_tree_reduce_axis0(flat))

@@ -1,0 +1,229 @@
+"""Core: noisy forward passes and Monte Carlo statistics against an independent NumPy reference.
+
+The reference below re-implements the paper's noisy MLP in NumPy with NumPy's own
+random generator; the two Monte Carlo estimates must agree within tolerances that
+follow from the number of realizations (5 standard errors of the difference).
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisejax import layers, noise, rng, simulate
+
+N_REAL = 4096
+WIDTHS = [6, 8, 5]
+N_INPUTS = 3
+
+CASES = {
+    "add_uncorrelated": dict(add_uncorrelated=2e-2),
+    "add_correlated": dict(add_correlated=2e-2),
+    "mul_uncorrelated": dict(mul_uncorrelated=5e-2),
+    "mul_correlated": dict(mul_correlated=5e-2),
+    "mixed": dict(add_uncorrelated=1e-2, add_correlated=5e-3, mul_uncorrelated=2e-2, mul_correlated=1e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def network():
+    net = layers.mlp(WIDTHS, "sigmoid", "linear:0.8")
+    _, params = net.init(jax.random.key(0), (WIDTHS[0],))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (N_INPUTS, WIDTHS[0])))
+    return net, params, x
+
+
+def numpy_reference(params, x, variances, n, seed):
+    """Independent NumPy simulation of y_l = f(y_{l-1} W + b)(1+ξMU+ξMC) + ξAU + ξAC."""
+    rng = np.random.default_rng(seed)
+    acts = [lambda z: 1.0 / (1.0 + np.exp(-z)), lambda z: 0.8 * z]
+    d = {k: variances.get(k, 0.0) for k in ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated")}
+    y = np.broadcast_to(x.astype(np.float64), (n,) + x.shape)
+    outs = []
+    for (block, f) in zip(params, acts):
+        W = np.asarray(block[0]["W"], np.float64)
+        b = np.asarray(block[0]["b"], np.float64)
+        clean = f(y @ W + b)
+        shape, cshape = clean.shape, clean.shape[:-1] + (1,)
+        mult = 1 + np.sqrt(d["mul_uncorrelated"]) * rng.standard_normal(shape) + np.sqrt(d["mul_correlated"]) * rng.standard_normal(cshape)
+        y = clean * mult + np.sqrt(d["add_uncorrelated"]) * rng.standard_normal(shape) + np.sqrt(d["add_correlated"]) * rng.standard_normal(cshape)
+        outs.append(y)
+    return [(o.mean(0), o.var(0, ddof=1)) for o in outs]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_monte_carlo_matches_numpy_reference(network, case):
+    net, params, x = network
+    nz = noise.NeuronNoise(**CASES[case])
+    fn = lambda k: layers.apply_batch(net, params, jnp.asarray(x), key=k, noise=nz, return_layers=True)[1]
+    # JAX's threefry for one case, noisejax's fast generator for the others
+    key = jax.random.key(7) if case == "mixed" else rng.key(7)
+    res = simulate.monte_carlo(fn, key, N_REAL)
+    ref = numpy_reference(params, x, CASES[case], N_REAL, seed=11)
+    for l, ((m_ref, v_ref), m, v) in enumerate(zip(ref, res.mean, res.var)):
+        m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
+        # difference of two independent means: std = sqrt((v1 + v2) / n)
+        tol_mean = 5 * np.sqrt((v + v_ref) / N_REAL) + 1e-6
+        assert np.all(np.abs(m - m_ref) <= tol_mean), (case, l, np.max(np.abs(m - m_ref) / tol_mean))
+        # difference of two variance estimates: std ≈ v sqrt(2/(n-1)) each (Gaussian-like outputs)
+        tol_var = 5 * np.sqrt(2.0 / (N_REAL - 1)) * np.sqrt(v**2 + v_ref**2)
+        assert np.all(np.abs(v - v_ref) <= tol_var), (case, l, np.max(np.abs(v - v_ref) / tol_var))
+        assert int(res.count) == N_REAL
+
+
+def test_reference_comparison_detects_a_wrong_variance(network):
+    """The tolerance above is tight enough to reject a 20 % error in the noise variance."""
+    net, params, x = network
+    nz = noise.NeuronNoise(add_uncorrelated=2e-2)
+    fn = lambda k: layers.apply_batch(net, params, jnp.asarray(x), key=k, noise=nz, return_layers=True)[1]
+    res = simulate.monte_carlo(fn, rng.key(7), N_REAL)
+    wrong = numpy_reference(params, x, {"add_uncorrelated": 2.4e-2}, N_REAL, seed=11)
+    v, v_ref = np.asarray(res.var[0], np.float64), wrong[0][1]
+    tol_var = 5 * np.sqrt(2.0 / (N_REAL - 1)) * np.sqrt(v**2 + v_ref**2)
+    assert np.any(np.abs(v - v_ref) > tol_var)
+
+
+def test_correlated_noise_is_shared_and_uncorrelated_is_not():
+    y = jnp.linspace(0.1, 1.0, 7)
+    key = jax.random.key(3)
+    d_ac = noise.apply_neuron_noise(y, noise.NeuronNoise(add_correlated=0.1), key=key) - y
+    assert np.allclose(d_ac, d_ac[0]) and abs(float(d_ac[0])) > 0
+    d_au = noise.apply_neuron_noise(y, noise.NeuronNoise(add_uncorrelated=0.1), key=key) - y
+    assert np.unique(np.asarray(d_au)).size == y.size
+    r_mc = noise.apply_neuron_noise(y, noise.NeuronNoise(mul_correlated=0.1), key=key) / y
+    assert np.allclose(r_mc, r_mc[0], rtol=1e-5) and abs(float(r_mc[0]) - 1) > 0
+    # correlated over axis 0 only: one draw per column of a (4, 3) feature map
+    fm = jnp.zeros((4, 3))
+    d = noise.apply_neuron_noise(fm, noise.NeuronNoise(add_correlated=1.0, correlated_axes=(0,)), key=key)
+    assert np.allclose(d, d[0:1]) and np.unique(np.asarray(d[0])).size == 3
+
+
+def _count_normal_draws(fn, *args):
+    """Number of random-number generation calls (``jit:_normal`` or ``random_bits``) at the top level."""
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return sum(e.params.get("name") == "_normal" or e.primitive.name == "random_bits" for e in eqns)
+
+
+def test_statically_zero_noise_types_draw_nothing():
+    y = jnp.ones(5)
+    key = jax.random.key(0)
+    one = lambda y: noise.apply_neuron_noise(y, noise.NeuronNoise(add_uncorrelated=1.0), key=key)
+    four = lambda y: noise.apply_neuron_noise(
+        y, noise.NeuronNoise(add_uncorrelated=1.0, add_correlated=1.0, mul_uncorrelated=1.0, mul_correlated=1.0), key=key
+    )
+    none = lambda y: noise.apply_neuron_noise(y, noise.NeuronNoise(), key=key)
+    assert _count_normal_draws(one, y) == 1
+    assert _count_normal_draws(four, y) == 4
+    assert _count_normal_draws(none, y) == 0
+
+
+def test_noise_intensity_sweep_is_a_vmap(network):
+    net, params, x = network
+    sweep = noise.NeuronNoise(add_uncorrelated=jnp.array([1e-4, 1e-2, 1.0]))
+
+    def fn(k):
+        return jax.vmap(lambda nz: layers.apply_batch(net, params, jnp.asarray(x), key=k, noise=nz))(sweep)
+
+    res = simulate.monte_carlo(fn, rng.key(2), 1024)
+    var = np.asarray(res.var).mean(axis=(1, 2))
+    assert res.var.shape == (3, N_INPUTS, WIDTHS[-1])
+    assert var[0] < var[1] < var[2]
+
+
+def test_adding_a_noise_type_keeps_the_other_draws():
+    y = jnp.linspace(-1, 1, 9)
+    key = jax.random.key(5)
+    a = noise.apply_neuron_noise(y, noise.NeuronNoise(add_uncorrelated=0.5), key=key)
+    b = noise.apply_neuron_noise(y, noise.NeuronNoise(add_uncorrelated=0.5, add_correlated=0.0), key=key)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------- invariance
+
+
+def _mixed_fn(network):
+    net, params, x = network
+    nz = noise.NeuronNoise(**CASES["mixed"])
+    return lambda k: layers.apply_batch(net, params, jnp.asarray(x), key=k, noise=nz, return_layers=True)[1]
+
+
+def test_chunk_size_invariance_is_bitwise(network):
+    fn = _mixed_fn(network)
+    results = [simulate.monte_carlo(fn, rng.key(9), 130, chunk_size=c) for c in (1, 7, 64, None)]
+    ref = jax.tree_util.tree_leaves(results[0])
+    for r in results[1:]:
+        for a, b in zip(ref, jax.tree_util.tree_leaves(r)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_engine_equals_direct_vmap_statistics(network):
+    fn = _mixed_fn(network)
+    n = 300
+    res = simulate.monte_carlo(fn, rng.key(9), n, chunk_size=7)
+    keys = simulate.realization_keys(rng.key(9), jnp.arange(n, dtype=jnp.uint32))
+    samples = jax.vmap(fn)(keys)
+    for s, m, v in zip(samples, res.mean, res.var):
+        s = np.asarray(s, np.float64)
+        np.testing.assert_allclose(m, s.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+
+
+_DEVICE_SCRIPT = r"""
+import sys, jax, jax.numpy as jnp, numpy as np
+from noisejax import layers, noise, rng, simulate
+net = layers.mlp([6, 8, 5], "sigmoid", "linear:0.8")
+_, params = net.init(jax.random.key(0), (6,))
+x = jax.random.normal(jax.random.key(1), (3, 6))
+nz = noise.NeuronNoise(add_uncorrelated=1e-2, add_correlated=5e-3, mul_uncorrelated=2e-2, mul_correlated=1e-2)
+fn = lambda k: layers.apply_batch(net, params, x, key=k, noise=nz, return_layers=True)[1]
+assert len(jax.devices()) == int(sys.argv[2]), jax.devices()
+res = simulate.monte_carlo(fn, rng.key(9), 1000, chunk_size=int(sys.argv[3]))
+np.savez(sys.argv[1], *[np.asarray(a) for a in jax.tree_util.tree_leaves(res)])
+"""
+
+
+def _run_devices(tmp_path, n_dev, chunk):
+    out = tmp_path / f"res_{n_dev}_{chunk}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(out), str(n_dev), str(chunk)], check=True, env=env)
+    with np.load(out) as z:
+        return [z[k] for k in sorted(z.files, key=lambda s: int(s.split("_")[1]))]
+
+
+def test_device_count_invariance_is_bitwise(tmp_path):
+    one = _run_devices(tmp_path, 1, 512)
+    four = _run_devices(tmp_path, 4, 100)
+    assert len(one) == len(four) > 0
+    for a, b in zip(one, four):
+        assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def test_streaming_variance_float32_large_mean():
+    """Mean 10³× the std over 10⁶ samples: float32 streaming variance matches float64."""
+    n = 1_000_000
+    fn = lambda k: 1000.0 + jax.random.normal(k, (4,), jnp.float32)
+    res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, lanes=8, streams=8)
+    keys = simulate.realization_keys(jax.random.key(0), jnp.arange(n, dtype=jnp.uint32))
+    samples = np.asarray(jax.jit(jax.vmap(fn))(keys), np.float64)
+    ref_var = samples.var(0, ddof=1)
+    np.testing.assert_allclose(np.asarray(res.var, np.float64), ref_var, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(res.mean, np.float64), samples.mean(0), rtol=1e-6)
+    # the naive one-pass formula in float32 is far off: the test can tell them apart
+    s32 = samples.astype(np.float32)
+    naive = (np.sum(s32 * s32, 0, dtype=np.float32) / n - np.square(np.sum(s32, 0, dtype=np.float32) / n)) * n / (n - 1)
+    assert np.max(np.abs(naive / ref_var - 1)) > 1e-2
+
+
+def test_result_derived_quantities():
+    res = simulate.monte_carlo(lambda k: 2.0 + 0.5 * jax.random.normal(k, (3,)), jax.random.key(1), 4096)
+    np.testing.assert_allclose(res.snr, np.square(res.mean) / res.var, rtol=1e-6)
+    np.testing.assert_allclose(res.stderr, np.sqrt(res.var / 4096), rtol=1e-6)
+    # SNR of 2/0.5 → 16 (12.04 dB) within sampling error
+    assert np.all(np.abs(np.asarray(res.snr_db) - 12.04) < 5 * 10 / np.log(10) * np.sqrt(2 / 4096))

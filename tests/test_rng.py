@@ -1,0 +1,92 @@
+"""Statistical checks of noisejax's fast generator (noisejax.rng).
+
+Every bound is a multiple of the sampling standard deviation of the statistic
+under the null hypothesis of i.i.d. N(0, 1) / uniform bits, so a broken
+generator (constant streams, shared draws between realizations, biased bits)
+fails them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisejax import rng
+
+N = 200_000
+
+
+@pytest.fixture(scope="module")
+def normals():
+    return np.asarray(jax.random.normal(rng.key(0), (N,)), np.float64)
+
+
+def test_normal_moments(normals):
+    z = normals
+    se = 1 / np.sqrt(N)
+    assert abs(z.mean()) < 5 * se
+    assert abs(z.var() - 1) < 5 * np.sqrt(2) * se
+    assert abs(np.mean(z**3)) < 5 * np.sqrt(15) * se  # skewness, var(z^3) = 15
+    assert abs(np.mean(z**4) - 3) < 5 * np.sqrt(96) * se  # kurtosis, var(z^4) = 96
+
+
+def test_normal_quantiles(normals):
+    # fraction beyond ±1.96 and ±3 (binomial standard errors)
+    for q, p in ((1.959964, 0.05), (3.0, 0.0026998)):
+        frac = np.mean(np.abs(normals) > q)
+        assert abs(frac - p) < 5 * np.sqrt(p * (1 - p) / N)
+
+
+def test_bits_are_balanced():
+    bits = np.asarray(jax.random.bits(rng.key(1), (N,), jnp.uint32))
+    ones = np.unpackbits(bits.view(np.uint8)).reshape(N, 32).mean(0)
+    assert np.all(np.abs(ones - 0.5) < 5 * 0.5 / np.sqrt(N))
+
+
+def _corr_bound(n_samples, n_pairs):
+    # max |r| over n_pairs null correlations, each ≈ N(0, 1/n): a Bonferroni-style 5σ-ish bound
+    return (np.sqrt(2 * np.log(n_pairs)) + 3) / np.sqrt(n_samples)
+
+
+def test_no_correlation_between_realizations_or_neurons():
+    key = rng.key(2)
+    n_real, n_neur = 4000, 32
+    z = np.asarray(
+        jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (n_neur,)))(jnp.arange(n_real)), np.float64
+    )
+    between_neurons = np.corrcoef(z.T)[np.triu_indices(n_neur, 1)]
+    assert np.max(np.abs(between_neurons)) < _corr_bound(n_real, between_neurons.size)
+    # adjacent realizations (fold_in(key, i) vs fold_in(key, i + 1)), paired over neurons and realizations
+    r = np.corrcoef(z[:-1].ravel(), z[1:].ravel())[0, 1]
+    assert abs(r) < 5 / np.sqrt(z[:-1].size)
+    # the same counter in different realizations
+    r0 = np.corrcoef(z[:, 0], z[:, 1])[0, 1]
+    assert abs(r0) < 5 / np.sqrt(n_real)
+
+
+def test_split_and_fold_in_give_distinct_streams():
+    key = rng.key(3)
+    children = jax.random.split(key, 1000)
+    data = np.asarray(jax.random.key_data(children))
+    assert len({tuple(d) for d in data}) == 1000
+    folded = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(1000))))
+    assert len({tuple(d) for d in folded}) == 1000
+    # streams of neighbouring children are uncorrelated
+    z = np.asarray(jax.vmap(lambda k: jax.random.normal(k, (256,)))(children), np.float64)
+    r = np.corrcoef(z[:-1].ravel(), z[1:].ravel())[0, 1]
+    assert abs(r) < 5 / np.sqrt(z[:-1].size)
+
+
+def test_deterministic_and_seed_sensitive():
+    a = np.asarray(jax.random.normal(rng.key(5), (8,)))
+    b = np.asarray(jax.random.normal(rng.key(5), (8,)))
+    c = np.asarray(jax.random.normal(rng.key(6), (8,)))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_make_key_validates_name():
+    from noisejax.errors import InvalidArgumentError
+
+    assert jax.random.key_impl(rng.make_key(0, "threefry")) is not None
+    with pytest.raises(InvalidArgumentError, match="rng"):
+        rng.make_key(0, "mersenne")
