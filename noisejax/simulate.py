@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -56,6 +57,10 @@ __all__ = ["MCResult", "Welford", "monte_carlo", "realization_keys", "merge", "f
 
 PyTree = Any
 _AXIS = "streams"
+# Compiled chunk programs, keyed by the realization function and the static
+# configuration: calling monte_carlo again with the same ``fn`` skips compilation.
+_CHUNK_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_CHUNK_CACHE_SIZE = 32
 
 
 # ----------------------------------------------------------------------------------
@@ -348,7 +353,14 @@ def monte_carlo(
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     state_sharding = NamedSharding(mesh, P(_AXIS))
     state = _empty_state(out_struct, streams, lanes, state_sharding)
-    chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, lanes=lanes, streams=streams, rounds=rounds, mesh=mesh)
+    cache_key = (fn, str(key.dtype), jax.tree_util.tree_structure(out_struct), tuple(jax.tree_util.tree_leaves(out_struct)),
+                 tile, lanes, streams, rounds, tuple(devices))
+    chunk_fn = _CHUNK_CACHE.get(cache_key)
+    if chunk_fn is None:
+        chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, lanes=lanes, streams=streams, rounds=rounds, mesh=mesh)
+        _CHUNK_CACHE[cache_key] = chunk_fn
+        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
+            _CHUNK_CACHE.popitem(last=False)
 
     bar = None
     if progress:
