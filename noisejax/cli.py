@@ -161,7 +161,7 @@ def _propagate(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from noisejax import layers, noise, simulate
+    from noisejax import layers, noise, rng, simulate
 
     weights, biases = _load_weights(args.weights)
     x = _load_input(args.input, weights[0].shape[0])
@@ -172,7 +172,7 @@ def _propagate(args) -> int:
         mul_correlated=args.mul_correlated,
     )
     net, params = layers.from_weights(weights, biases, args.activation, args.activation_out)
-    key = jax.random.key(args.seed)
+    key = rng.make_key(args.seed, args.rng)
     xj = jnp.asarray(x)
     batched = x.ndim == 2
 
@@ -248,7 +248,7 @@ def _demo(args) -> int:
     import jax.numpy as jnp
     import optax
 
-    from noisejax import data, layers, noise, simulate
+    from noisejax import data, layers, noise, rng, simulate
 
     ds = data.load_digits(seed=args.seed)
     net = layers.mlp([64, 64, 64, 10], "sigmoid")
@@ -288,7 +288,7 @@ def _demo(args) -> int:
     print(f"{'noise type':>18} {'layer':>5} {'mean|y|':>10} {'noise var':>11} {'SNR dB':>8}")
     for name, nz in cases.items():
         fn = lambda k, nz=nz: layers.apply_batch(net, params, x, key=k, noise=nz, return_layers=True)[1]
-        res = simulate.monte_carlo(fn, jax.random.key(args.seed + 1), args.realizations)
+        res = simulate.monte_carlo(fn, rng.key(args.seed + 1), args.realizations)
         for l, (m, v) in enumerate(zip(res.mean, res.var)):
             m, v = np.asarray(m), np.asarray(v)
             print(f"{name:>18} {l:>5} {np.mean(np.abs(m)):>10.4f} {np.mean(v):>11.3e} {_snr_db(m, v):>8.2f}")
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S")
     p.add_argument("--method", choices=("mc", "analytic", "both"), default="mc")
     p.add_argument("--moment-method", choices=("linearized", "gaussian"), default="gaussian")
+    p.add_argument("--rng", choices=("fast", "threefry", "rbg"), default="fast",
+                   help="PRNG: noisejax's fast counter-based generator (default) or JAX's threefry / rbg")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     p.set_defaults(func=_propagate)
