@@ -27,6 +27,19 @@ def _only(*kinds):
     return noise.NeuronNoise(**{k: (D[k] if k in kinds else 0.0) for k in TYPES})
 
 
+def _mlp(widths, act, seed=0, shift=0.0):
+    """A block network with NumPy-drawn weights (no PRNG compile in the tests)."""
+    rng = np.random.default_rng(seed)
+    Ws = [rng.normal(shift, 1 / np.sqrt(a), (a, b)).astype(np.float32) for a, b in zip(widths[:-1], widths[1:])]
+    bs = [rng.normal(shift, 0.3, b).astype(np.float32) for b in widths[1:]]
+    return layers.from_weights(Ws, bs, act)
+
+
+def _out(net, params, x):
+    """Noise-free outputs for a batch (one small compile instead of many eager ops)."""
+    return np.asarray(jax.jit(lambda p, xx: layers.apply_batch(net, p, xx))(params, jnp.asarray(x)))
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -65,9 +78,7 @@ def setup():
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 6)).astype(np.float32))
     pnet, pparams = mitigate.pool(net, params, P)
     # ghost test network: 3 noisy sigmoid layers, correlated additive noise everywhere
-    gnet0 = layers.mlp([6, 7, 5, 3], "sigmoid")
-    _, gp0 = gnet0.init(jax.random.key(3), (6,))
-    gp0 = jax.tree_util.tree_map(lambda a: a + 0.3, gp0)  # nonzero-mean weights and biases
+    gnet0, gp0 = _mlp([6, 7, 5, 3], "sigmoid", seed=3, shift=0.3)  # nonzero-mean weights and biases
     gnet, gparams = mitigate.ghost_neurons(gnet0, gp0)
     ac = noise.NeuronNoise(add_correlated=0.05)
 
@@ -101,9 +112,9 @@ def test_pool_structure_and_noise_free_output(setup):
     s = setup
     assert mitigate.widths(s["pnet"], s["pparams"]) == [6, 5 * P, 3]
     assert s["pnet"].n_sites == s["net"].n_sites
-    y0 = layers.apply_batch(s["net"], s["params"], s["x"])
-    y1 = layers.apply_batch(s["pnet"], s["pparams"], s["x"])
-    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5
+    y0 = _out(s["net"], s["params"], s["x"])
+    y1 = _out(s["pnet"], s["pparams"], s["x"])
+    assert np.max(np.abs(y1 - y0)) <= 1e-5
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -146,8 +157,7 @@ def test_pool_moments_agree(setup, kind):
 
 
 def test_pool_last_layer_appends_averaging_readout():
-    net = layers.mlp([4, 3, 2], "tanh")
-    _, params = net.init(jax.random.key(0), (4,))
+    net, params = _mlp([4, 3, 2], "tanh")
     pnet, pparams = mitigate.pool(net, params, 3)
     assert mitigate.widths(pnet, pparams) == [4, 9, 6, 2]
     blk = mitigate.blocks(pnet, pparams)
@@ -155,20 +165,19 @@ def test_pool_last_layer_appends_averaging_readout():
     np.testing.assert_allclose(np.asarray(blk[-1].W), np.repeat(np.eye(2), 3, axis=0) / 3, rtol=1e-6)
     # without the read-out: n_out * P outputs whose groups average to the original output
     qnet, qparams = mitigate.pool(net, params, 3, readout=False)
-    x = jnp.linspace(-1, 1, 4)
-    y = np.asarray(qnet.apply(qparams, x)).reshape(2, 3).mean(-1)
-    np.testing.assert_allclose(y, np.asarray(net.apply(params, x)), atol=1e-6)
+    x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
+    y = _out(qnet, qparams, x).reshape(2, 3).mean(-1)
+    np.testing.assert_allclose(y, _out(net, params, x)[0], atol=1e-6)
 
 
 def test_pool_per_layer_copies():
-    net = layers.mlp([4, 3, 5, 2], "relu")
-    _, params = net.init(jax.random.key(0), (4,))
+    net, params = _mlp([4, 3, 5, 2], "relu")
     pnet, pparams = mitigate.pool(net, params, {1: 2})
     assert mitigate.widths(pnet, pparams) == [4, 3, 10, 2]
     pnet, pparams = mitigate.pool(net, params, 2, layers_to_pool=[0])
     assert mitigate.widths(pnet, pparams) == [4, 6, 5, 2]
-    x = jnp.linspace(-1, 1, 4)
-    np.testing.assert_allclose(pnet.apply(pparams, x), net.apply(params, x), atol=1e-6)
+    x = np.linspace(-1, 1, 4, dtype=np.float32)[None]
+    np.testing.assert_allclose(_out(pnet, pparams, x), _out(net, params, x), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------
@@ -179,9 +188,9 @@ def test_pool_per_layer_copies():
 def test_ghost_structure_and_noise_free_output(setup):
     s = setup
     assert mitigate.widths(s["gnet"], s["gparams"]) == [6, 8, 6, 4, 3]
-    y0 = layers.apply_batch(s["gnet0"], s["gp0"], s["x"])
-    y1 = layers.apply_batch(s["gnet"], s["gparams"], s["x"])
-    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5
+    y0 = _out(s["gnet0"], s["gp0"], s["x"])
+    y1 = _out(s["gnet"], s["gparams"], s["x"])
+    assert np.max(np.abs(y1 - y0)) <= 1e-5
 
 
 def test_ghost_removes_correlated_additive_noise_mc(setup):
@@ -220,16 +229,15 @@ def test_ghost_exact_cancellation_linear_next_layer():
 
 
 def test_ghost_options():
-    net = layers.mlp([4, 3, 2], "sigmoid")
-    _, params = net.init(jax.random.key(0), (4,))
+    net, params = _mlp([4, 3, 2], "sigmoid")
     gnet, gparams = mitigate.ghost_neurons(net, params, readout=False)
     assert mitigate.widths(gnet, gparams) == [4, 4, 2]
     with pytest.raises(InvalidArgumentError, match="readout"):
         mitigate.ghost_neurons(net, params, layers_with_ghost=[1], readout=False)
     # pooling and ghosts compose, noise-free output unchanged
     cnet, cparams = mitigate.ghost_neurons(*mitigate.pool(net, params, 2))
-    x = jnp.linspace(0, 1, 4)
-    np.testing.assert_allclose(cnet.apply(cparams, x), net.apply(params, x), atol=1e-6)
+    x = np.linspace(0, 1, 4, dtype=np.float32)[None]
+    np.testing.assert_allclose(_out(cnet, cparams, x), _out(net, params, x), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------
@@ -239,14 +247,12 @@ def test_ghost_options():
 
 @pytest.mark.parametrize("act", ["linear:0.8", "relu"])
 def test_scale_slope_exact_for_linear_and_relu(act):
-    net = layers.mlp([5, 6, 4, 3], act)
-    _, params = net.init(jax.random.key(1), (5,))
-    params = jax.tree_util.tree_map(lambda a: a + 0.2, params)
+    net, params = _mlp([5, 6, 4, 3], act, seed=1, shift=0.2)
     snet, sparams = mitigate.scale_slope(net, params, {0: 3.0, 1: 0.25})
-    x = jax.random.normal(jax.random.key(2), (8, 5))
-    y0 = layers.apply_batch(net, params, x)
-    y1 = layers.apply_batch(snet, sparams, x)
-    assert float(jnp.max(jnp.abs(y1 - y0))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(y0))))
+    x = np.random.default_rng(2).normal(size=(8, 5)).astype(np.float32)
+    y0 = _out(net, params, x)
+    y1 = _out(snet, sparams, x)
+    assert np.max(np.abs(y1 - y0)) <= 1e-5 * max(1.0, np.max(np.abs(y0)))
     blk0, blk1 = mitigate.blocks(net, params), mitigate.blocks(snet, sparams)
     if act.startswith("linear"):
         assert blk1[0].act["slope"] == pytest.approx(0.8 * 3.0) and blk1[1].act["slope"] == pytest.approx(0.8 * 0.25)
@@ -258,8 +264,7 @@ def test_scale_slope_exact_for_linear_and_relu(act):
 
 def test_scale_slope_reduces_additive_noise_reaching_next_layer():
     """s > 1 on a linear layer: its additive noise reaches the next layer divided by s²."""
-    net = layers.mlp([3, 4, 2], "linear")
-    _, params = net.init(jax.random.key(0), (3,))
+    net, params = _mlp([3, 4, 2], "linear")
     snet, sparams = mitigate.scale_slope(net, params, {0: 2.0})
     W1 = np.asarray(params[1][0]["W"])
     Ws = np.asarray(sparams[1][0]["W"])
@@ -267,14 +272,14 @@ def test_scale_slope_reduces_additive_noise_reaching_next_layer():
 
 
 def test_scale_slope_sigmoid_is_approximate():
-    net = layers.mlp([5, 6, 3], "sigmoid")
-    _, params = net.init(jax.random.key(1), (5,))
-    x = jax.random.normal(jax.random.key(2), (16, 5))
-    y0 = layers.apply_batch(net, params, x)
+    net, params = _mlp([5, 6, 3], "sigmoid", seed=1)
+    x = np.random.default_rng(2).normal(size=(16, 5)).astype(np.float32)
+    f = jax.jit(lambda p, xx: layers.apply_batch(net, p, xx))  # sigmoid: same network, new weights
+    y0 = np.asarray(f(params, x))
     err = {}
     for s in (1.05, 3.0):
-        snet, sparams = mitigate.scale_slope(net, params, {0: s})
-        err[s] = float(jnp.max(jnp.abs(layers.apply_batch(snet, sparams, x) - y0)))
+        _, sparams = mitigate.scale_slope(net, params, {0: s})
+        err[s] = float(np.max(np.abs(np.asarray(f(sparams, x)) - y0)))
     assert 0 < err[1.05] < err[3.0]  # first-order compensation: small for s near 1, not exact
 
 
@@ -284,8 +289,7 @@ def test_scale_slope_sigmoid_is_approximate():
 
 
 def test_validation_errors():
-    net = layers.mlp([4, 3, 2], "sigmoid")
-    _, params = net.init(jax.random.key(0), (4,))
+    net, params = _mlp([4, 3, 2], "sigmoid")
     with pytest.raises(InvalidArgumentError, match="serial"):
         mitigate.pool(layers.Dense(3), {"W": jnp.ones((4, 3))}, 2)
     with pytest.raises(InvalidArgumentError, match="blocks"):
