@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import layers, mitigate, noise, simulate
+from noisejax import layers, mitigate, noise, rng, simulate
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 N_MC = 40_960  # var estimate rel. std sqrt(2/(n-1)) ≈ 0.7 %
@@ -29,9 +29,9 @@ def _only(*kinds):
 
 def _mlp(widths, act, seed=0, shift=0.0):
     """A block network with NumPy-drawn weights (no PRNG compile in the tests)."""
-    rng = np.random.default_rng(seed)
-    Ws = [rng.normal(shift, 1 / np.sqrt(a), (a, b)).astype(np.float32) for a, b in zip(widths[:-1], widths[1:])]
-    bs = [rng.normal(shift, 0.3, b).astype(np.float32) for b in widths[1:]]
+    gen = np.random.default_rng(seed)
+    Ws = [gen.normal(shift, 1 / np.sqrt(a), (a, b)).astype(np.float32) for a, b in zip(widths[:-1], widths[1:])]
+    bs = [gen.normal(shift, 0.3, b).astype(np.float32) for b in widths[1:]]
     return layers.from_weights(Ws, bs, act)
 
 
@@ -46,11 +46,11 @@ def _sigmoid(x):
 
 def _two_layer(seed=0):
     """Noisy sigmoid layer 6 → 5, then a noise-free linear read-out 5 → 3 (the 'next layer')."""
-    rng = np.random.default_rng(seed)
-    W0 = rng.normal(0, 0.8, (6, 5)).astype(np.float32)
-    b0 = rng.normal(0, 0.3, 5).astype(np.float32)
-    W1 = (rng.normal(0.4, 0.7, (5, 3))).astype(np.float32)  # nonzero mean: correlated noise gets through
-    b1 = rng.normal(0, 0.3, 3).astype(np.float32)
+    gen = np.random.default_rng(seed)
+    W0 = gen.normal(0, 0.8, (6, 5)).astype(np.float32)
+    b0 = gen.normal(0, 0.3, 5).astype(np.float32)
+    W1 = (gen.normal(0.4, 0.7, (5, 3))).astype(np.float32)  # nonzero mean: correlated noise gets through
+    b1 = gen.normal(0, 0.3, 3).astype(np.float32)
     blocks = [
         layers.serial(layers.Dense(5), layers.Sigmoid(), layers.NeuronNoise()),
         layers.serial(layers.Dense(3), layers.Linear(1.0)),
@@ -96,7 +96,7 @@ def setup():
         out["ghost"] = layers.apply_batch(gnet, gparams, x, key=jax.random.fold_in(key, 10), noise=ac)
         return out
 
-    mc = simulate.monte_carlo(fn, jax.random.key(42), N_MC, tile_size=256)
+    mc = simulate.monte_carlo(fn, rng.key(42), N_MC, tile_size=256)
     return dict(
         net=net, params=params, pnet=pnet, pparams=pparams, W=(W0, b0, W1, b1), x=x, mc=mc, nzs=nzs,
         gnet0=gnet0, gp0=gp0, gnet=gnet, gparams=gparams, ac=ac,

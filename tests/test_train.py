@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax import lax
 
-from noisejax import data, layers, noise, train
+from noisejax import data, layers, noise, rng, train
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 
@@ -21,8 +21,8 @@ from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 def setup():
     ds = data.load_digits()
     x, y = ds.x_train[:200], ds.y_train[:200]
-    rng = np.random.default_rng(0)  # NumPy init: no PRNG compile
-    Ws = [rng.normal(0, 1 / 8, (64, 8)).astype(np.float32), rng.normal(0, 1 / np.sqrt(8), (8, 10)).astype(np.float32)]
+    gen = np.random.default_rng(0)  # NumPy init: no PRNG compile
+    Ws = [gen.normal(0, 1 / 8, (64, 8)).astype(np.float32), gen.normal(0, 1 / np.sqrt(8), (8, 10)).astype(np.float32)]
     net, p0 = layers.from_weights(Ws, [np.zeros(8, np.float32), np.zeros(10, np.float32)], "sigmoid", "linear")
     opt = optax.adam(3e-2)  # one object: fits share compiled steps
     return dict(ds=ds, x=x, y=y, net=net, p0=p0, opt=opt)
@@ -35,11 +35,11 @@ def _head_tail(losses, k=5):
 def test_plain_training_decreases_loss_and_is_chunk_invariant(setup):
     s = setup
     obj = train.plain_loss(s["net"])
-    r1 = train.fit(obj, s["p0"], s["x"], s["y"], key=jax.random.key(1), optimizer=s["opt"], steps=60, chunk=30)
+    r1 = train.fit(obj, s["p0"], s["x"], s["y"], key=rng.key(1), optimizer=s["opt"], steps=60, chunk=30)
     head, tail = _head_tail(r1.losses)
     assert r1.losses.shape == (60,) and tail < 0.5 * head
     # 60 steps in chunks of 7 (last chunk partly masked) give the same parameters
-    r2 = train.fit(obj, s["p0"], s["x"], s["y"], key=jax.random.key(1), optimizer=s["opt"], steps=60, chunk=7)
+    r2 = train.fit(obj, s["p0"], s["x"], s["y"], key=rng.key(1), optimizer=s["opt"], steps=60, chunk=7)
     np.testing.assert_allclose(r2.losses, r1.losses, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(r1.params), jax.tree_util.tree_leaves(r2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -78,12 +78,12 @@ def test_noise_aware_objective_matches_manual_average(setup):
 
         return obj(p0, x, y, key), jnp.mean(lax.map(manual_one, jnp.arange(2)))
 
-    value, manual = both(jax.random.key(7))
+    value, manual = both(rng.key(7))
     assert float(value) == pytest.approx(float(manual), rel=1e-5)
     # straight-through: the gradient is the plain gradient at the perturbed weights
     st = train.noise_aware_loss(net, weight_noise=_Shift(), n_realizations=1)
     g, g_ref = jax.jit(lambda k: (jax.grad(st)(p0, x, y, k), jax.grad(ce)(jax.tree_util.tree_map(lambda w: w + 0.1, p0))))(
-        jax.random.key(0)
+        rng.key(0)
     )
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -91,7 +91,7 @@ def test_noise_aware_objective_matches_manual_average(setup):
 
 def test_noise_aware_training_decreases_loss_and_reuses_compile(setup):
     s = setup
-    kw = dict(key=jax.random.key(2), optimizer=s["opt"], steps=40, batch_size=64, chunk=20)
+    kw = dict(key=rng.key(2), optimizer=s["opt"], steps=40, batch_size=64, chunk=20)
     obj = train.noise_aware_loss(s["net"], noise=noise.NeuronNoise(add_uncorrelated=0.1), n_realizations=4)
     r1 = train.fit(obj, s["p0"], s["x"], s["y"], **kw)
     head, tail = _head_tail(r1.losses)
@@ -118,7 +118,7 @@ def test_moment_regularized_training(setup):
     res = {}
     for lam in (0.0, 0.5, 2.0):
         o = train.moment_loss(s["net"], noise=nz, penalty=lam)
-        res[lam] = train.fit(o, s["p0"], s["x"], s["y"], key=jax.random.key(3), optimizer=s["opt"], steps=40, chunk=40)
+        res[lam] = train.fit(o, s["p0"], s["x"], s["y"], key=rng.key(3), optimizer=s["opt"], steps=40, chunk=40)
     head, tail = _head_tail(res[0.5].losses)
     assert tail < 0.85 * head, (head, tail)
     assert res[2.0].compile_seconds == 0.0  # the penalty is a leaf: one compile for all
@@ -136,7 +136,7 @@ def test_evaluator_against_numpy_and_exact_variance(setup):
     # additive uncorrelated noise at both sites of 64 → 8 (sigmoid) → 10 (linear): the output
     # variance is exactly D (Σ_i W2_ij² + 1) — noise enters after the sigmoid and the rest is linear
     d = 0.2
-    res = ev(s["p0"], x, y, noise=noise.NeuronNoise(add_uncorrelated=d), key=jax.random.key(5))
+    res = ev(s["p0"], x, y, noise=noise.NeuronNoise(add_uncorrelated=d), key=rng.key(5))
     W2 = np.asarray(s["p0"][1][0]["W"])
     exact = d * ((W2**2).sum(0) + 1.0)
     got = np.asarray(res.output_var).mean(0)  # 50 inputs with independent noise
@@ -146,7 +146,7 @@ def test_evaluator_against_numpy_and_exact_variance(setup):
     assert float(res.mean_accuracy) == pytest.approx(float(np.mean(res.accuracy)))
     assert float(res.snr) == pytest.approx(float((np.asarray(res.output_mean) ** 2).sum() / np.asarray(res.output_var).sum()), rel=1e-5)
     # noise-free: every realization is the NumPy accuracy (same compiled function, zero intensity)
-    clean = ev(s["p0"], x, y, noise=noise.NeuronNoise(add_uncorrelated=0.0), key=jax.random.key(5))
+    clean = ev(s["p0"], x, y, noise=noise.NeuronNoise(add_uncorrelated=0.0), key=rng.key(5))
     np.testing.assert_allclose(np.asarray(clean.accuracy), np.mean(out.argmax(1) == y), rtol=1e-6)
     with pytest.raises(InvalidArgumentError, match="key"):
         ev(s["p0"], x, y, noise=noise.NeuronNoise(add_uncorrelated=d))
@@ -156,11 +156,11 @@ def test_validation(setup):
     s = setup
     obj = train.plain_loss(s["net"])
     with pytest.raises(InvalidArgumentError, match="steps"):
-        train.fit(obj, s["p0"], s["x"], s["y"], key=jax.random.key(0), steps=0)
+        train.fit(obj, s["p0"], s["x"], s["y"], key=rng.key(0), steps=0)
     with pytest.raises(ShapeMismatchError, match="same n"):
-        train.fit(obj, s["p0"], s["x"], s["y"][:5], key=jax.random.key(0))
+        train.fit(obj, s["p0"], s["x"], s["y"][:5], key=rng.key(0))
     with pytest.raises(InvalidArgumentError, match="integer"):
-        train.fit(obj, s["p0"], s["x"], s["y"].astype(np.float32), key=jax.random.key(0))
+        train.fit(obj, s["p0"], s["x"], s["y"].astype(np.float32), key=rng.key(0))
     with pytest.raises(InvalidArgumentError, match="weight_noise"):
         train.noise_aware_loss(s["net"], weight_noise=0.1)
     with pytest.raises(InvalidArgumentError, match="n_realizations"):
