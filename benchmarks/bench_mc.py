@@ -60,9 +60,11 @@ def torch_cases(W, b, X, R, noises, repeats):
     except ImportError:
         return {}
     torch.set_num_threads(os.cpu_count() or 1)
-    Wt = [torch.tensor(np.asarray(w)) for w in W]
-    bt = [torch.tensor(np.asarray(v)) for v in b]
-    Xt = torch.tensor(np.asarray(X))
+    dev = "cuda" if (jax.devices()[0].platform == "gpu" and torch.cuda.is_available()) else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    Wt = [torch.tensor(np.asarray(w), device=dev) for w in W]
+    bt = [torch.tensor(np.asarray(v), device=dev) for v in b]
+    Xt = torch.tensor(np.asarray(X), device=dev)
     out = {}
 
     def noisy(y, d):
@@ -71,12 +73,12 @@ def torch_cases(W, b, X, R, noises, repeats):
             if d.get("mul_uncorrelated"):
                 f = f + d["mul_uncorrelated"] ** 0.5 * torch.randn_like(y)
             if d.get("mul_correlated"):
-                f = f + d["mul_correlated"] ** 0.5 * torch.randn(y.shape[:-1] + (1,))
+                f = f + d["mul_correlated"] ** 0.5 * torch.randn(y.shape[:-1] + (1,), device=y.device)
             y = y * f
         if d.get("add_uncorrelated"):
             y = y + d["add_uncorrelated"] ** 0.5 * torch.randn_like(y)
         if d.get("add_correlated"):
-            y = y + d["add_correlated"] ** 0.5 * torch.randn(y.shape[:-1] + (1,))
+            y = y + d["add_correlated"] ** 0.5 * torch.randn(y.shape[:-1] + (1,), device=y.device)
         return y
 
     def forward(x, d):
@@ -86,10 +88,12 @@ def torch_cases(W, b, X, R, noises, repeats):
 
     def timed(f):
         f()
+        sync()
         ts = []
         for _ in range(repeats):
             t = time.perf_counter()
             f()
+            sync()
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
@@ -142,11 +146,12 @@ def main(argv=None):
         results.update(torch_cases(W, b, X, R, NOISES, max(2, args.repeats // 2)))
 
     base = results["clean"]
+    flops = 2.0 * R * B * (784 * 256 + 256 * 256 + 256 * 10)
     print(f"MLP 784-256-256-10 sigmoid, {R} realizations x {B} inputs on {jax.devices()[0].platform} "
           f"({os.cpu_count()} CPU threads), median of {args.repeats}")
-    print(f"{'case':<24} {'seconds':>9} {'x clean':>8}")
+    print(f"{'case':<24} {'seconds':>9} {'x clean':>8} {'matmul TFLOP/s':>15}")
     for k, v in results.items():
-        print(f"{k:<24} {v:>9.4f} {v / base:>8.2f}")
+        print(f"{k:<24} {v:>9.4f} {v / base:>8.2f} {flops / v / 1e12:>15.3f}")
     for name in NOISES:
         if f"torch-loop/{name}" in results:
             print(f"speed-up of fast/{name} over torch-loop: {results[f'torch-loop/{name}'] / results[f'fast/{name}']:.2f}x")
@@ -158,6 +163,7 @@ def main(argv=None):
                     "device": str(jax.devices()[0].device_kind), "jax": jax.__version__},
         "realizations": R, "inputs": B, "repeats": args.repeats,
         "seconds": results, "ratio_to_clean": {k: v / base for k, v in results.items()},
+        "matmul_flops": flops, "tflops": {k: flops / v / 1e12 for k, v in results.items()},
     }
     path = os.path.join(args.out, f"mc_{backend}.json")
     with open(path, "w") as fh:
