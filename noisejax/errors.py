@@ -7,7 +7,7 @@ a single line on stderr and a non-zero exit status.
 
 from __future__ import annotations
 
-__all__ = ["NoisejaxError", "InvalidArgumentError", "ShapeMismatchError", "DataFormatError"]
+__all__ = ["NoisejaxError", "InvalidArgumentError", "ShapeMismatchError", "DataFormatError", "NonFiniteError"]
 
 
 class NoisejaxError(ValueError):
@@ -24,3 +24,7 @@ class ShapeMismatchError(NoisejaxError):
 
 class DataFormatError(NoisejaxError):
     """A file is malformed: wrong magic number, truncated, wrong sizes, bad keys."""
+
+
+class NonFiniteError(NoisejaxError, FloatingPointError):
+    """A simulation produced NaN or infinite statistics (see ``check_finite=True``)."""

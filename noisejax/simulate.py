@@ -301,6 +301,7 @@ def monte_carlo(
     devices: Optional[Sequence[jax.Device]] = None,
     progress: bool = False,
     description: str = "realizations",
+    check_finite: bool = False,
 ) -> MCResult:
     """Streaming Monte Carlo statistics of ``fn(fold_in(key, i))``, ``i < n_realizations``.
 
@@ -319,6 +320,9 @@ def monte_carlo(
         devices must divide it.
       devices: devices to shard over (default: ``jax.devices()``, all hosts).
       progress: show a tqdm progress bar.
+      check_finite: debug mode; raise :class:`noisejax.errors.NonFiniteError` naming
+        the first output leaf (e.g. the first layer of ``return_layers`` outputs)
+        whose statistics contain NaN or inf.
 
     Returns:
       :class:`MCResult` with ``count``, ``mean``, ``var`` (and ``stderr``, ``snr``...).
@@ -377,7 +381,25 @@ def monte_carlo(
     finally:
         if bar is not None:
             bar.close()
-    return _finalize_sharded(state, mesh)
+    result = _finalize_sharded(state, mesh)
+    if check_finite:
+        _raise_if_nonfinite(result)
+    return result
+
+
+def _raise_if_nonfinite(result: MCResult) -> None:
+    from noisejax.errors import NonFiniteError
+
+    paths = jax.tree_util.tree_flatten_with_path(result.mean)[0]
+    variances = jax.tree_util.tree_leaves(result.var)
+    for (path, mean), var in zip(paths, variances):
+        bad = ~(np.isfinite(np.asarray(mean)) & np.isfinite(np.asarray(var)))
+        if bad.any():
+            where = jax.tree_util.keystr(path) or "<output>"
+            raise NonFiniteError(
+                f"Monte Carlo statistics are not finite first at output leaf {where} "
+                f"({int(bad.sum())} of {bad.size} entries); check noise intensities and inputs"
+            )
 
 
 def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
