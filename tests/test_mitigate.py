@@ -304,3 +304,42 @@ def test_validation_errors():
         mitigate.scale_slope(net, params, {0: -1.0})
     with pytest.raises(InvalidArgumentError, match="entries"):
         mitigate.scale_slope(net, params, [1.0, 2.0, 3.0])
+
+
+# ----------------------------------------------------------------------------------
+# The experiment, tiny configuration
+# ----------------------------------------------------------------------------------
+
+
+def _load_experiment():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "mitigation" / "run.py"
+    spec = importlib.util.spec_from_file_location("noisejax_experiments_mitigation_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_experiment_tiny(tmp_path):
+    import json
+
+    run = _load_experiment()
+    res = run.main("tiny", str(tmp_path))
+    for name in ("results.json", "accuracy_vs_noise.png", "snr_gain.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["noise_types"]) == set(run.NOISE_TYPES)
+    # the transformed networks compute the same noise-free function
+    assert max(saved["noise_free_output_max_abs_change"].values()) <= 1e-5
+    assert saved["widths"]["pooled"] == [64, 16, 20, 10] and saved["widths"]["ghost"] == [64, 9, 11, 10]
+    for nt, v in saved["noise_types"].items():
+        assert set(v["at_target"]) == set(run.METHODS)
+        assert all(len(v["accuracy"][m]["mean"]) == len(v["grid"]) for m in run.METHODS)
+    # exact cancellation: under correlated additive noise the ghost network keeps its clean accuracy
+    ac = saved["noise_types"]["add_correlated"]["at_target"]
+    assert ac["ghost"]["accuracy"] == pytest.approx(saved["clean_test_accuracy"]["plain"], abs=1e-6)
+    # P = 2 copies: the output SNR under uncorrelated additive noise roughly doubles
+    assert 1.5 < saved["noise_types"]["add_uncorrelated"]["at_target"]["pooled"]["snr_gain"] < 2.6
+    assert res["summary"].keys() == saved["summary"].keys()

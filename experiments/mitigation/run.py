@@ -44,9 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import config as _config  # type: ignore
+if __package__ in (None, ""):  # run as a script or loaded from its path: load config.py under a unique name
+    import importlib.util
+
+    _spec = importlib.util.spec_from_file_location(
+        "noisejax_experiments_mitigation_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
+    )
+    _config = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _config
+    _spec.loader.exec_module(_config)
 else:
     from . import config as _config
 
@@ -112,6 +118,7 @@ def main(cfg: Union[_config.Config, str] = "default", out_dir: Optional[str] = N
     clean_eval = {m: evaluate(m, p, ds.x_test, ds.y_test, None, 0.0) for m, (_, p) in nets.items()}
     clean_test = {m: float(r.mean_accuracy) for m, r in clean_eval.items()}
     # the transformations must not change the noise-free outputs
+    scale = float(jnp.max(jnp.abs(clean_eval["plain"].output_mean)))
     noise_free_change = {
         m: float(jnp.max(jnp.abs(r.output_mean - clean_eval["plain"].output_mean))) for m, r in clean_eval.items() if m != "plain"
     }
@@ -231,6 +238,7 @@ def main(cfg: Union[_config.Config, str] = "default", out_dir: Optional[str] = N
         {
             "clean_test_accuracy": clean_test,
             "noise_free_output_max_abs_change": noise_free_change,
+            "noise_free_output_max_abs": scale,
             "clean_val_accuracy_plain": clean_val,
             "noise_types": per_type,
             "slope_scaling": {"layers": hidden, "rows": slope_rows},
