@@ -43,11 +43,13 @@ from noisejax import _validate
 from noisejax import moments as _moments
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import NeuronNoise as _NeuronNoiseModel
+from noisejax.noise import LocalWeightNoise as _LocalWeightNoise
 from noisejax.noise import apply_neuron_noise
 
 __all__ = [
     "Layer",
     "Dense",
+    "WeightNoiseDense",
     "Conv",
     "Flatten",
     "Elementwise",
@@ -113,6 +115,45 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
         return y
 
     return Layer(init, apply, _moments.dense_rule(use_bias=use_bias), 0, {"kind": "dense", "out_dim": out_dim})
+
+
+def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
+    """Dense layer with additive Gaussian weight noise, sampled by local reparameterization.
+
+    Same params as :func:`Dense`.  Its ``noise`` (one site) is a
+    :class:`noisejax.noise.LocalWeightNoise`; for one example ``y``::
+
+        z = y W + b + sqrt((y∘y) σ_W² + σ_b²) ∘ ξ,   ξ ~ N(0, I)
+
+    which has the distribution of ``y W̃ + b̃`` with ``W̃ = W + N(0, σ_W²)`` for
+    that example.  Statistics per example (means, variances, accuracy averaged over
+    inputs) are exact; correlations *between examples* that a shared ``W̃`` would
+    create are not represented — sample the weights with
+    :func:`noisejax.noise.add_weight_noise` when those matter.  With ``noise=None``
+    it is a plain :func:`Dense`.
+    """
+    dense = Dense(out_dim, use_bias=use_bias)
+
+    def apply(params, x, *, key=None, noise=None):
+        z = dense.apply(params, x)
+        if not isinstance(noise, _LocalWeightNoise):
+            return z
+        if key is None:
+            raise InvalidArgumentError("WeightNoiseDense with noise= needs key=")
+        var_w = jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
+        var = jnp.square(x) @ var_w
+        if "b" in params:
+            var_b = noise.variance if noise.bias_variance is None else noise.bias_variance
+            var = var + jnp.asarray(var_b, z.dtype)
+        return z + jnp.sqrt(var) * jax.random.normal(key, z.shape, z.dtype)
+
+    def moments(params, state, *, noise=None, **options):
+        wvar = options.pop("weight_noise_var", None)
+        if isinstance(noise, _LocalWeightNoise):
+            wvar = noise.variance
+        return dense.moments(params, state, weight_noise_var=wvar, **options)
+
+    return Layer(dense.init, apply, moments, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:
@@ -249,13 +290,18 @@ def NeuronNoise() -> Layer:
         return tuple(in_shape), ()
 
     def apply(params, x, *, key=None, noise=None):
-        if noise is None or noise.is_zero:
+        if not isinstance(noise, _NeuronNoiseModel) or noise.is_zero:
             return x
         if key is None:
             raise InvalidArgumentError("apply(..., noise=...) needs key=: a noisy forward pass draws random numbers")
         return apply_neuron_noise(x, noise, key=key)
 
-    return Layer(init, apply, _moments.neuron_noise_rule(), 1, {"kind": "neuron_noise"})
+    rule = _moments.neuron_noise_rule()
+
+    def moments(params, state, *, noise=None, **options):
+        return rule(params, state, noise=noise if isinstance(noise, _NeuronNoiseModel) else None, **options)
+
+    return Layer(init, apply, moments, 1, {"kind": "neuron_noise"})
 
 
 # ----------------------------------------------------------------------------------
@@ -266,10 +312,12 @@ def NeuronNoise() -> Layer:
 def split_noise(noise: NoiseArg, counts: Sequence[int]) -> list:
     """Distribute a network's ``noise`` argument over children with ``counts`` sites each.
 
-    One :class:`~noisejax.noise.NeuronNoise` (or ``None``) is shared by every child;
-    a sequence is cut into consecutive runs of the given lengths.
+    One noise object (a :class:`~noisejax.noise.NeuronNoise`, a
+    :class:`~noisejax.noise.LocalWeightNoise`, or ``None``) is shared by every child
+    — each site uses it only if it is of the site's own type; a list or tuple is cut
+    into consecutive runs of the given lengths (one entry per site).
     """
-    if noise is None or isinstance(noise, _NeuronNoiseModel):
+    if not isinstance(noise, (list, tuple)):
         return [noise] * len(counts)
     noise = list(noise)
     if len(noise) != sum(counts):

@@ -767,11 +767,16 @@ def _compiled(net, *, method, covariance, quad_nodes, batched, keep_covariance):
 
 
 def _check_noise(noise) -> None:
-    if noise is None or isinstance(noise, NeuronNoise):
+    from noisejax.noise import LocalWeightNoise
+
+    kinds = (NeuronNoise, LocalWeightNoise)
+    if noise is None or isinstance(noise, kinds):
         return
-    if isinstance(noise, (list, tuple)) and all(n is None or isinstance(n, NeuronNoise) for n in noise):
+    if isinstance(noise, (list, tuple)) and all(n is None or isinstance(n, kinds) for n in noise):
         return
-    raise InvalidArgumentError(f"noise must be None, a NeuronNoise or a sequence of them (one per site), got {type(noise).__name__}")
+    raise InvalidArgumentError(
+        f"noise must be None, a NeuronNoise / LocalWeightNoise or a sequence of them (one per site), got {type(noise).__name__}"
+    )
 
 
 def predict(

@@ -58,6 +58,7 @@ __all__ = [
     "Quantization",
     "add_weight_noise",
     "measured_wnr_db",
+    "LocalWeightNoise",
 ]
 
 Array = jax.Array
@@ -421,3 +422,26 @@ class Quantization:
                 q = jnp.round(scaled)
             out.append((jnp.clip(q, -levels, levels) * step).astype(leaf.dtype))
         return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@struct.dataclass
+class LocalWeightNoise:
+    """Additive Gaussian weight noise of one Dense layer, sampled on the pre-activation.
+
+    ``variance`` is σ_n² of every weight and bias of the layer (a scalar, or an array
+    broadcastable to ``W``'s shape for per-weight variances; ``bias_variance``
+    defaults to ``variance``).  Used by :func:`noisejax.layers.WeightNoiseDense`:
+    for one example ``y``, ``z = y W̃ + b̃`` is drawn directly as
+    ``N(y W + b, (y∘y) σ_W² + σ_b²)`` — the local reparameterization, exact in
+    distribution per example (layer by layer, given the sampled input) when every
+    weight is used once per example — instead of drawing ``W̃``.
+    """
+
+    variance: Array
+    bias_variance: Optional[Array] = None
+
+    def __post_init__(self):
+        _validate.check_variance("LocalWeightNoise.variance", self.variance)
+        _validate.check_variance("LocalWeightNoise.bias_variance", self.bias_variance)
+        object.__setattr__(self, "variance", _as_leaf(self.variance))
+        object.__setattr__(self, "bias_variance", _as_leaf(self.bias_variance))
