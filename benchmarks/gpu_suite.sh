@@ -10,6 +10,8 @@ $PY -c "import jax, flax, optax; print('jax', jax.__version__, jax.devices())"
 mkdir -p "$OUT/r1k" "$OUT/r10k" "$OUT/scale" "$OUT/analytic"
 timeout 150 $PY benchmarks/bench_mc.py --realizations 1000 --inputs 100 --repeats 7 --out "$OUT/r1k" 2>&1 | grep -v Warning
 timeout 150 $PY benchmarks/bench_mc.py --realizations 10000 --inputs 100 --repeats 5 --out "$OUT/r10k" 2>&1 | grep -v Warning
+mkdir -p "$OUT/weight"
+timeout 120 $PY benchmarks/bench_weight_noise.py --realizations 100 --inputs 10000 --repeats 5 --out "$OUT/weight" 2>&1 | grep -v Warning
 if [ -f benchmarks/bench_analytic_vs_mc.py ]; then
   timeout 120 $PY benchmarks/bench_analytic_vs_mc.py --out "$OUT/analytic" 2>&1 | tail -n 25
 fi
