@@ -437,14 +437,16 @@ def output_snr(
 ) -> Array:
     """Output SNR ``Σ mean² / Σ var`` over a batch of inputs and all outputs.
 
-    ``mean`` and ``var`` are taken over ``n_realizations`` noise realizations
+    ``mean`` and ``var`` are taken over ``n`` = ``n_realizations`` noise realizations
     (:func:`noisejax.simulate.monte_carlo`) for each input of ``x`` ``(B, *in_shape)``
     and each output neuron; the ratio of their sums is the paper's per-neuron
-    ``mean²/var`` pooled over neurons and inputs.  Compare two networks with the
-    same ``x``: ``output_snr(mitigated) / output_snr(plain)`` is the SNR gain.
+    ``mean²/var`` pooled over neurons and inputs, with ``Σ mean²`` estimated without
+    bias as ``Σ (m̂² − v̂/n)``.  Compare two networks with the same ``x``:
+    ``output_snr(mitigated) / output_snr(plain)`` is the SNR gain.
     """
     x = jnp.asarray(x)
     res = _simulate.monte_carlo(
         lambda k: layers.apply_batch(net, params, x, key=k, noise=noise), key, n_realizations, **mc_kwargs
     )
-    return jnp.sum(jnp.square(res.mean)) / jnp.sum(res.var)
+    noise_power = jnp.sum(res.var)
+    return (jnp.sum(jnp.square(res.mean)) - noise_power / res.count) / noise_power

@@ -569,8 +569,16 @@ class NoisyEval:
 
     @property
     def snr(self) -> Array:
-        """Output SNR ``Σ mean² / Σ var`` over inputs and outputs."""
-        return jnp.sum(jnp.square(self.output_mean)) / jnp.sum(self.output_var)
+        """Output SNR ``Σ mean² / Σ var`` over inputs and outputs.
+
+        ``Σ mean²`` is estimated without bias as ``Σ (m̂² − v̂/R)`` (the sample mean of
+        ``R`` realizations carries ``var/R`` of noise power), so that few realizations
+        do not pull the SNR of a weak signal towards ``R``.
+        """
+        R = self.accuracy.shape[0]
+        noise_power = jnp.sum(self.output_var)
+        signal = jnp.sum(jnp.square(self.output_mean)) - (noise_power / R if R > 1 else 0.0)
+        return signal / noise_power
 
 
 def make_evaluator(net: layers.Layer, *, n_realizations: int = 32) -> Callable[..., NoisyEval]:

@@ -94,11 +94,11 @@ def full() -> Config:
     return Config(
         name="full",
         widths=(64, 64, 10),
-        steps=6000,
-        train_realizations=32,
+        steps=10000,
+        train_realizations=64,
         penalties=(0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
         pool_copies=4,
-        eval_realizations=256,
+        eval_realizations=1024,
         grids=(
             (0.0, 0.003, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
             (0.0, 0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 100.0),
@@ -106,7 +106,6 @@ def full() -> Config:
             (0.0, 0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0),
         ),
         slope_scales=(0.25, 0.5, 2.0, 4.0),
-        progress=True,
     )
 
 
