@@ -409,9 +409,10 @@ def get_config(experiment: Experiment, config_name: str) -> Any:
     if config_name not in CONFIG_NAMES:
         raise InvalidArgumentError(f"config must be one of {', '.join(CONFIG_NAMES)}; got {config_name!r}")
     mod = experiment.config_module
-    getter = getattr(mod, "get_config", None)
-    if callable(getter):
-        return getter(config_name)
+    for getter_name in ("get_config", "get"):
+        getter = getattr(mod, getter_name, None)
+        if inspect.isfunction(getter):
+            return getter(config_name)
     for table in ("CONFIGS", "configs"):
         t = getattr(mod, table, None)
         if isinstance(t, dict) and config_name in t:
@@ -494,16 +495,38 @@ def _record_valid(record: Any, name: str, config_name: str, fp: str, out: Path) 
 
 
 def _call_main(exp: Experiment, config: Any, work: Path, data_dir: Optional[str], progress: bool) -> Any:
+    """Call ``main`` with the work folder, data folder and progress flag it accepts.
+
+    When ``main`` has no such parameter but its config is a dataclass with a
+    matching field (``out_dir``, ``cache_dir``, ``data_dir``, ``progress``), a copy
+    of the config pointing there is passed instead, so nothing is written outside
+    the report folder.
+    """
     fn = exp.main
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         params = {}
     kwargs: dict[str, Any] = {}
-    for p in _OUT_DIR_PARAMS:
-        if p in params:
-            kwargs[p] = str(work)
-            break
+    fields: dict[str, Any] = {}
+    names = set()
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        names = {f.name for f in dataclasses.fields(config)}
+    out_param = next((p for p in _OUT_DIR_PARAMS if p in params), None)
+    if out_param is not None:
+        kwargs[out_param] = str(work)
+    else:
+        field = next((p for p in _OUT_DIR_PARAMS if p in names), None)
+        if field is not None:
+            fields[field] = str(work)
+    if "cache_dir" in names and getattr(config, "cache_dir") is None:
+        fields["cache_dir"] = str(work / "cache")
+    if "data_dir" not in params and "data_dir" in names and data_dir is not None:
+        fields["data_dir"] = data_dir
+    if "progress" not in params and "progress" in names:
+        fields["progress"] = progress
+    if fields:
+        config = dataclasses.replace(config, **fields)
     if "data_dir" in params:
         kwargs["data_dir"] = data_dir
     if "progress" in params:
@@ -689,8 +712,13 @@ def _write_report(out: Path, summary: dict) -> None:
             lines.append(f"- `{n}`: **{r['status']}** — {r.get('error', '')}{extra}")
     lines += ["", "## Figures", ""]
     for name, rec in exps.items():
-        for f in rec.get("figures") or []:
-            lines += [f"### {name}", "", f"![{name}]({f['file']})", ""]
+        figs = rec.get("figures") or []
+        if figs:
+            lines += [f"### {name}", ""]
+            readme = f"experiments/{name}/README.md"
+            lines += [f"What the figure shows, the paper's claim and our result: `{readme}`.", ""]
+        for f in figs:
+            lines += [f"![{name}]({f['file']})", ""]
     lines += ["Every number is in `results.json`; each experiment's README explains its figure.", ""]
     atomic_write_bytes(out / "report.md", "\n".join(lines).encode())
 
