@@ -137,7 +137,7 @@ def main(argv=None):
             nz = noise.NeuronNoise(**NOISES[name])
             one = lambda k, nz=nz: layers.apply_batch(net, params, X, key=k, noise=nz, return_layers=True)[1]
             results[f"mc/{gen}/{name}"] = timeit(
-                lambda one=one: simulate.monte_carlo(one, key, R, tile_size=R, lanes=math.gcd(R, 8), streams=1).var,
+                lambda one=one: simulate.monte_carlo(one, key, R, tile_size=R, streams=1).var,
                 max(2, args.repeats // 2),
             )
     if not args.no_torch:

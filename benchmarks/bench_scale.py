@@ -31,12 +31,11 @@ X = jax.random.uniform(jax.random.key(1), (B, 784))
 nz = noise.NeuronNoise(add_uncorrelated=1e-3, add_correlated=1e-3, mul_uncorrelated=1e-3, mul_correlated=1e-3)
 fn = lambda k: layers.apply_batch(net, params, X, key=k, noise=nz, return_layers=True)[1]
 streams = 8 if len(jax.devices()) <= 8 else len(jax.devices())
-lanes = 8 if tile % 8 == 0 else 1
-warm = simulate.monte_carlo(fn, rng.key(0), 2 * tile * streams, tile_size=tile, lanes=lanes, streams=streams,
+warm = simulate.monte_carlo(fn, rng.key(0), 2 * tile * streams, tile_size=tile, streams=streams,
                             chunk_size=16 * tile * streams)
 jax.block_until_ready(warm.var)
 t = time.perf_counter()
-res = simulate.monte_carlo(fn, rng.key(0), n, tile_size=tile, lanes=lanes, streams=streams, chunk_size=16 * tile * streams)
+res = simulate.monte_carlo(fn, rng.key(0), n, tile_size=tile, streams=streams, chunk_size=16 * tile * streams)
 jax.block_until_ready(res.var)
 dt = time.perf_counter() - t
 dev = jax.devices()[0]

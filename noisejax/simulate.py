@@ -11,17 +11,18 @@ products, on the shapes the backend sees.  The engine therefore fixes both:
 
 * **Tiles.**  Realizations ``[jT, (j+1)T)`` (``T = tile_size``) are always computed
   together by one ``vmap`` of ``fn`` of width ``T`` — the same shapes whatever the
-  chunk size or device count.
-* **Lanes.**  Each tile feeds ``lanes`` Welford accumulators; realization ``i``
-  goes to lane ``i mod lanes`` of stream ``(i // T) mod streams``, and each
-  accumulator sees its realizations in increasing order.  Realizations outside
-  the requested range are masked out exactly (``where``), so a chunk may start or
-  end anywhere.
-* **Streams.**  ``streams`` independent accumulator sets are spread over the
-  devices with :func:`jax.shard_map` on a 1-D :class:`jax.sharding.Mesh`; tile ``j``
-  belongs to stream ``j mod streams``.  No communication happens until the end,
-  when the ``streams × lanes`` accumulators are merged (Chan et al.'s parallel
-  formula) in a fixed pairwise tree.
+  chunk size or device count — and reduced to tile statistics (count, mean, sum
+  of squared deviations: a two-pass reduction over the fixed tile axis).
+  Chunks are whole numbers of tiles, so every tile is reduced exactly once; only
+  the last tile of a run is partial (masked), and it is the same in any chunking.
+* **Streams.**  Tile ``j`` is merged (Chan et al.'s parallel formula) into the
+  accumulator of stream ``j mod streams``, tiles in increasing order.  The
+  ``streams`` accumulators are spread over the devices with :func:`jax.shard_map`
+  on a 1-D :class:`jax.sharding.Mesh`; no communication happens until the end,
+  when they are gathered and merged in a fixed pairwise tree on one device.
+* **Pinned rounding.**  Optimization barriers isolate the tile computation and
+  keep XLA from contracting products and sums of the merge into FMAs in some
+  compilation contexts and not others.
 
 Hence the same ``key`` gives bitwise the same statistics for any ``chunk_size``
 and any device count that divides ``streams`` — also across processes after
@@ -110,26 +111,19 @@ class MCResult:
         return jax.tree_util.tree_map(lambda s: 10.0 * jnp.log10(s), self.snr)
 
 
-def _welford_update(state: Welford, x: PyTree, valid: jax.Array) -> Welford:
-    """Masked Welford step; ``x`` leaves and ``valid`` carry a leading lane axis.
+def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:
+    """Statistics of the valid rows of a tile (leading axis), two-pass, fixed shape."""
+    count = jnp.sum(valid.astype(jnp.int32))
 
-    The rounding of every operation is pinned down explicitly: ``1/count`` is
-    computed once and multiplied in, and optimization barriers keep XLA from
-    contracting products and sums into FMAs (or sharing reciprocals) in some
-    compilation contexts and not in others — otherwise the last bits would depend
-    on the program around the update (chunk size, device count, output pytree).
-    """
-    count = state.count + valid.astype(state.count.dtype)
+    def one(v):
+        m = valid.reshape(valid.shape + (1,) * (v.ndim - 1))
+        # explicit reciprocal: XLA may turn x / n into x * (1/n) in some programs only
+        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(v.dtype))
+        mean = lax.optimization_barrier(jnp.sum(jnp.where(m, v, 0), axis=0)) * inv
+        m2 = jnp.sum(jnp.where(m, jnp.square(v - mean), 0), axis=0)
+        return mean, m2
 
-    def upd(mean, m2, xi):
-        v = valid.reshape(valid.shape + (1,) * (xi.ndim - 1))
-        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(xi.dtype)).reshape(v.shape)
-        delta = xi - mean
-        new_mean = mean + lax.optimization_barrier(delta * inv)
-        new_m2 = m2 + lax.optimization_barrier(delta * (xi - new_mean))
-        return jnp.where(v, new_mean, mean), jnp.where(v, new_m2, m2)
-
-    mean, m2 = _map_pairs(upd, state.mean, state.m2, x)
+    mean, m2 = _map_pairs(one, x)
     return Welford(count, mean, m2)
 
 
@@ -145,17 +139,23 @@ def _map_pairs(f, *trees):
 
 
 def merge(a: Welford, b: Welford) -> Welford:
-    """Chan et al.'s parallel merge of two accumulators (elementwise over leaves)."""
+    """Chan et al.'s parallel merge of two accumulators (elementwise over leaves).
+
+    ``mean = m_a + δ·n_b/n``, ``m2 = m2_a + m2_b + δ²·n_a n_b/n`` with ``δ = m_b - m_a``.
+    Barriers pin the rounding (no FMA contraction), so the same inputs give the
+    same bits in any program.
+    """
     n = a.count + b.count
+    bar = lax.optimization_barrier
 
     def one(ma, m2a, mb, m2b):
         shape = a.count.shape + (1,) * (ma.ndim - a.count.ndim)
         na = a.count.astype(ma.dtype).reshape(shape)
         nb = b.count.astype(ma.dtype).reshape(shape)
-        nn = jnp.maximum(na + nb, 1)
+        inv = bar(1.0 / jnp.maximum(na + nb, 1))
         delta = mb - ma
-        mean = ma + delta * (nb / nn)
-        m2 = m2a + m2b + jnp.square(delta) * (na * nb / nn)
+        mean = ma + bar(delta * bar(nb * inv))
+        m2 = (m2a + m2b) + bar(bar(jnp.square(delta)) * bar(bar(na * nb) * inv))
         return mean, m2
 
     mean, m2 = _map_pairs(one, a.mean, a.m2, b.mean, b.m2)
@@ -213,11 +213,14 @@ def _shard_map(f, mesh, in_specs, out_specs):
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds, mesh):
-    """Compile-once function ``(state, key_data, start, stop) -> state`` for one chunk."""
+def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh):
+    """Compile-once function ``(state, key_data, start, stop) -> state`` for one chunk.
+
+    ``start`` is a multiple of ``tile`` (chunks are whole tiles); each stream
+    processes at most ``rounds`` of the chunk's tiles, in increasing order.
+    """
     n_dev = mesh.devices.size
     local_streams = streams // n_dev
-    per_lane = tile // lanes
 
     def tile_values(key_data, j):
         base = j * tile
@@ -230,31 +233,25 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds
         # fuses (and rounds) it the same way whatever the chunk size or device count.
         key_data, j = lax.optimization_barrier((key_data, j))
         vals = lax.optimization_barrier(tile_values(key_data, j))
-        base = j * tile
-        # (per_lane, lanes, ...): row r holds realizations base + r*lanes + l
-        vals = jax.tree_util.tree_map(lambda v: v.reshape((per_lane, lanes) + v.shape[1:]), vals)
-        idx = base + jnp.arange(tile, dtype=jnp.uint32).reshape(per_lane, lanes)
+        idx = j * tile + jnp.arange(tile, dtype=jnp.uint32)
         valid = (idx >= start) & (idx < stop)
-
-        def step(a, xs):
-            v, ok = xs
-            return _welford_update(a, v, ok), None
-
-        acc, _ = lax.scan(step, acc, (vals, valid))
-        return acc
+        stats = lax.optimization_barrier(_tile_stats(vals, valid))
+        return merge(acc, stats)
 
     def local(state, dev_ids, key_data, start, stop):
         # The device index arrives as data (not lax.axis_index) so that a 1-device run
         # cannot constant-fold it and compile the tile differently from a sharded run.
         dev = dev_ids[0]
-        first_round = start // jnp.uint32(tile * streams)
+        first_tile = start // jnp.uint32(tile)
 
         def per_stream(carry, xs):
             acc, s_loc = xs
             stream = dev.astype(jnp.uint32) * local_streams + s_loc
+            # the first tile of this chunk that belongs to this stream
+            offset = (stream + jnp.uint32(streams) - first_tile % jnp.uint32(streams)) % jnp.uint32(streams)
 
             def per_round(a, q):
-                j = (first_round + q) * streams + stream
+                j = first_tile + offset + q * jnp.uint32(streams)
                 lo, hi = j * tile, (j + 1) * tile
                 needed = (hi > start) & (lo < stop)
                 a = lax.cond(needed, lambda a_: update_with_tile(a_, key_data, j, start, stop), lambda a_: a_, a)
@@ -273,15 +270,15 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, lanes, streams, rounds
     return lambda state, key_data, start, stop: compiled(state, dev_ids, key_data, start, stop)
 
 
-def _empty_state(out_struct, streams, lanes, sharding) -> Welford:
+def _empty_state(out_struct, streams, sharding) -> Welford:
     def zeros(s):
         if not jnp.issubdtype(s.dtype, jnp.inexact):
             raise InvalidArgumentError(f"fn must return floating-point arrays, got dtype {s.dtype}")
-        return jnp.zeros((streams, lanes) + tuple(s.shape), s.dtype)
+        return jnp.zeros((streams,) + tuple(s.shape), s.dtype)
 
     def make():
         return Welford(
-            jnp.zeros((streams, lanes), jnp.int32),
+            jnp.zeros((streams,), jnp.int32),
             jax.tree_util.tree_map(zeros, out_struct),
             jax.tree_util.tree_map(zeros, out_struct),
         )
@@ -296,7 +293,6 @@ def monte_carlo(
     *,
     chunk_size: Optional[int] = None,
     tile_size: int = 64,
-    lanes: int = 8,
     streams: int = 8,
     devices: Optional[Sequence[jax.Device]] = None,
     progress: bool = False,
@@ -310,12 +306,12 @@ def monte_carlo(
         forward pass over a batch of inputs).  Traced once.
       key: base PRNG key (typed ``jax.random.key`` or legacy ``PRNGKey``).
       n_realizations: ``n >= 2``.
-      chunk_size: realizations per compiled call (progress-bar granularity);
-        rounded up to whole rounds of ``tile_size * streams`` when larger than
-        one round.  Default: ``4 * tile_size * streams``.  Results do not depend on it.
+      chunk_size: realizations per compiled call (progress-bar granularity),
+        rounded up to whole tiles.  Default: ``4 * tile_size * streams``.  Results
+        do not depend on it.
       tile_size: realizations vmapped together (the unit of computation and of
-        peak memory).  Results are bitwise reproducible for a fixed ``tile_size``.
-      lanes: Welford accumulators per tile position group; divides ``tile_size``.
+        peak memory; larger on accelerators, e.g. 1024-4096).  Results are bitwise
+        reproducible for a fixed ``tile_size``.
       streams: independent accumulator sets spread over devices; the number of
         devices must divide it.
       devices: devices to shard over (default: ``jax.devices()``, all hosts).
@@ -327,27 +323,24 @@ def monte_carlo(
     Returns:
       :class:`MCResult` with ``count``, ``mean``, ``var`` (and ``stderr``, ``snr``...).
 
-    Memory is ``O(streams · lanes · |output| + tile · |activations|)`` per device,
+    Memory is ``O(streams · |output| + tile · |activations|)`` per device,
     independent of ``n_realizations``.
     """
     n = _validate.check_int("n_realizations", n_realizations, minimum=2)
     if n >= 2**32:
         raise InvalidArgumentError(f"n_realizations must be < 2**32, got {n}")
     tile = _validate.check_int("tile_size", tile_size, minimum=1)
-    lanes = _validate.check_int("lanes", lanes, minimum=1)
     streams = _validate.check_int("streams", streams, minimum=1)
-    if tile % lanes:
-        raise InvalidArgumentError(f"lanes ({lanes}) must divide tile_size ({tile})")
     devices = list(jax.devices() if devices is None else devices)
     if streams % len(devices):
         raise InvalidArgumentError(f"streams ({streams}) must be a multiple of the device count ({len(devices)})")
-    round_size = tile * streams
     if chunk_size is None:
-        chunk_size = 4 * round_size
+        chunk_size = 4 * tile * streams
     chunk = _validate.check_int("chunk_size", chunk_size, minimum=1)
-    if chunk > round_size:  # whole rounds, and no more than the run needs
-        chunk = min(-(-chunk // round_size), -(-n // round_size)) * round_size
-    rounds = -(-chunk // round_size) + (0 if chunk % round_size == 0 else 1)
+    # whole tiles, and no more than the run needs
+    tiles_per_chunk = min(-(-chunk // tile), -(-n // tile))
+    chunk = tiles_per_chunk * tile
+    rounds = -(-tiles_per_chunk // streams)  # tiles per stream per chunk, at most
 
     if not callable(fn):
         raise InvalidArgumentError("fn must be callable: fn(key) -> pytree of arrays")
@@ -356,12 +349,12 @@ def monte_carlo(
 
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     state_sharding = NamedSharding(mesh, P(_AXIS))
-    state = _empty_state(out_struct, streams, lanes, state_sharding)
+    state = _empty_state(out_struct, streams, state_sharding)
     cache_key = (fn, str(key.dtype), jax.tree_util.tree_structure(out_struct), tuple(jax.tree_util.tree_leaves(out_struct)),
-                 tile, lanes, streams, rounds, tuple(devices))
+                 tile, streams, rounds, tuple(devices))
     chunk_fn = _CHUNK_CACHE.get(cache_key)
     if chunk_fn is None:
-        chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, lanes=lanes, streams=streams, rounds=rounds, mesh=mesh)
+        chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
         _CHUNK_CACHE[cache_key] = chunk_fn
         while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
             _CHUNK_CACHE.popitem(last=False)
@@ -403,7 +396,7 @@ def _raise_if_nonfinite(result: MCResult) -> None:
 
 
 def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
-    """Gather the accumulators (small: streams × lanes × output) and merge them on one device.
+    """Gather the accumulators (small: streams × output) and merge them on one device.
 
     The merge runs on a single device with a fixed program, so its rounding is the
     same whatever the number of devices that produced the accumulators.
@@ -416,5 +409,4 @@ def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
 
 @jax.jit
 def _finalize_local(state: Welford) -> MCResult:
-    flat = jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), state)
-    return finalize(_tree_reduce_axis0(flat))
+    return finalize(_tree_reduce_axis0(state))

@@ -209,7 +209,7 @@ def test_streaming_variance_float32_large_mean():
     """Mean 10³× the std over 10⁶ samples: float32 streaming variance matches float64."""
     n = 1_000_000
     fn = lambda k: 1000.0 + jax.random.normal(k, (4,), jnp.float32)
-    res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, lanes=8, streams=8)
+    res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, streams=8)
     keys = simulate.realization_keys(jax.random.key(0), jnp.arange(n, dtype=jnp.uint32))
     samples = np.asarray(jax.jit(jax.vmap(fn))(keys), np.float64)
     ref_var = samples.var(0, ddof=1)
