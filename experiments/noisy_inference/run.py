@@ -1,0 +1,208 @@
+"""Noisy inference: accuracy vs WNR for ML, MMSE, compensated MMSE and a learned denoiser.
+
+For each model of the config: train (or load from the cache) the model; choose the
+compensated MMSE's (λ', β) per WNR on the validation split (one compiled grid call
+per WNR point) and, beside it, the test-oracle choice; train (or load) the learned
+denoiser on the validation split; then evaluate every estimator on the test split
+with R noise realizations per WNR point (all realizations and estimators of a point
+in one compiled call), read off the dB gains over ML at the target accuracies and
+write ``results.json`` and one PNG per model into ``config.out_dir``.
+
+Usage::
+
+    python experiments/noisy_inference/run.py [--config tiny|default|full] [--out DIR] [--progress]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from noisejax import checkpoint, denoise, models, sweeps
+
+
+def _load_config_module():
+    path = Path(__file__).with_name("config.py")
+    spec = importlib.util.spec_from_file_location("noisy_inference_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("noisy_inference_config", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+config_lib = _load_config_module()
+
+__all__ = ["main", "run_model"]
+
+
+def _learned_denoiser(spec, cfg, variables, ds, logits_fn, key):
+    """Train (or load from the cache) the learned denoiser of ``spec`` on the validation split."""
+    template = denoise.init_learned(
+        variables, wnr_range=spec.learned_wnr_range, per_channel=cfg.learned_per_channel
+    )
+    recipe = {
+        "what": "learned_denoiser",
+        "version": 2,
+        "model": spec.model.to_dict(),
+        "per_channel": cfg.learned_per_channel,
+        "steps": cfg.learned_steps,
+        "draws": cfg.learned_draws,
+        "batch": cfg.learned_batch,
+        "lr": cfg.learned_lr,
+        "wnr_range": list(spec.learned_wnr_range),
+        "reference": cfg.reference,
+        "scope": cfg.scope,
+        "seed": cfg.seed,
+    }
+
+    def build():
+        loss = lambda p, b: models.loss_fn(logits_fn(p, b[0]), b[1])  # noqa: E731
+        den, hist = denoise.train_learned(
+            template, variables, loss, (ds.x_val, ds.y_val), key=key, steps=cfg.learned_steps,
+            n_draws=cfg.learned_draws, batch_size=cfg.learned_batch, learning_rate=cfg.learned_lr,
+            reference=cfg.reference, scope=cfg.scope, progress=cfg.progress,
+        )
+        losses = hist["loss"]
+        k = max(1, len(losses) // 10)
+        info = {
+            "seconds": hist["seconds"],
+            "loss_first": float(np.mean(losses[:k])),
+            "loss_last": float(np.mean(losses[-k:])),
+        }
+        return den, info
+
+    den, info, status = checkpoint.cached(recipe, build, cache_dir=cfg.cache_dir, name="denoiser", target=template)
+    den = jax.tree_util.tree_map(jnp.asarray, den)
+    return den, dict(info, cache=status)
+
+
+def run_model(spec, cfg) -> dict:
+    """Everything for one model; returns its JSON-ready result dict (and writes its PNG)."""
+    t_start = time.perf_counter()
+    key = jax.random.fold_in(jax.random.key(cfg.seed), sum(map(ord, spec.name)))
+    k_val, k_test, k_learn = (jax.random.fold_in(key, i) for i in (1, 2, 3))
+    variables, train_info, ds = models.load_or_train(spec.model, cache_dir=cfg.cache_dir, progress=cfg.progress)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    f = models.logits_fn(spec.model)
+    wnr = list(spec.wnr_db)
+    common = dict(reference=cfg.reference, scope=cfg.scope)
+
+    # (λ', β) grid: validation selection and the test oracle, one compiled call per WNR point each
+    t0 = time.perf_counter()
+    grid = denoise.compensated_grid(cfg.grid_lams, cfg.grid_betas)
+    grid_acc = sweeps.grid_accuracies(
+        f, variables, {"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, wnr, grid, key=k_val,
+        n_realizations=cfg.grid_realizations, **common,
+    )
+    val_acc, test_grid = grid_acc["val"], grid_acc["test"]
+    sel, oracle = sweeps.select_grid(val_acc), sweeps.select_grid(test_grid)
+    lam, beta = np.asarray(grid.lam), np.asarray(grid.beta)
+    pick = lambda idx: [denoise.CompensatedMMSE(lam=grid.lam[i], beta=grid.beta[i]) for i in idx]  # noqa: E731
+    t_grid = time.perf_counter() - t0
+
+    den, learn_info = _learned_denoiser(spec, cfg, variables, ds, f, k_learn)
+
+    estimators = {
+        "ML": denoise.ML(),
+        "MMSE": denoise.MMSE(),
+        "MMSE (side info)": denoise.MMSE(prior=denoise.clean_prior(variables), name="mmse_side"),
+        "compensated MMSE (val-selected)": pick(sel),
+        "compensated MMSE (test oracle)": pick(oracle),
+        "learned": den,
+    }
+    sweep = sweeps.accuracy_sweep(
+        f, variables, ds.x_test, ds.y_test, wnr, key=k_test, n_realizations=cfg.n_realizations,
+        estimators=estimators, progress=cfg.progress, **common,
+    )
+    t_sweep = sweep.pop("_seconds")
+    curves = {name: sweep[name] for name in estimators}
+    gains = sweeps.gains_table(wnr, curves, cfg.targets, baseline="ML")
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{spec.name}.png"
+    shown = {k: v for k, v in curves.items() if k not in ("MMSE (side info)",)}
+    sweeps.plot_accuracy_curves(
+        wnr, shown, str(png), targets=cfg.targets,
+        title=f"{spec.name}: noisy inference, R={cfg.n_realizations} ({cfg.reference}, {cfg.scope} WNR)",
+    )
+    return {
+        "model": spec.model.to_dict(),
+        "train": train_info,
+        "wnr_db": wnr,
+        "n_realizations": cfg.n_realizations,
+        "curves": {
+            name: {"mean": acc.mean(1).tolist(), "std": acc.std(1).tolist(), "acc": acc.tolist()}
+            for name, acc in curves.items()
+        },
+        "gains": gains,
+        "compensated": {
+            "grid": {"lam": list(cfg.grid_lams), "beta": list(cfg.grid_betas)},
+            "grid_realizations": cfg.grid_realizations,
+            "val_selected": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in sel],
+            "test_oracle": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in oracle],
+            "val_accuracy_selected": [float(val_acc[w, i].mean()) for w, i in enumerate(sel)],
+        },
+        "learned": learn_info,
+        "seconds": {"grid": t_grid, "sweep": t_sweep, "total": time.perf_counter() - t_start},
+        "png": png.name,
+    }
+
+
+def main(config=None) -> dict:
+    """Run the experiment; returns (and writes to ``out_dir/results.json``) the results dict."""
+    cfg = config if config is not None else config_lib.default()
+    t0 = time.perf_counter()
+    results = {"experiment": "noisy_inference", "config": _config_dict(cfg), "models": {}}
+    for spec in cfg.specs:
+        results["models"][spec.name] = run_model(spec, cfg)
+    results["seconds"] = time.perf_counter() - t0
+    results["summary"] = {
+        name: {
+            est: {t: g[t]["gain_db"] for t in g}
+            for est, g in res["gains"].items()
+            if est != "ML"
+        }
+        for name, res in results["models"].items()
+    }
+    out = Path(cfg.out_dir) / "results.json"
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _config_dict(cfg) -> dict:
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="default", choices=("tiny", "default", "full"))
+    p.add_argument("--out", default=None, help="output folder (default experiments/noisy_inference/results)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--progress", action="store_true")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = _parse()
+    cfg = config_lib.get(args.config)
+    cfg = cfg.replace(progress=args.progress)
+    if args.out:
+        cfg = cfg.replace(out_dir=args.out)
+    if args.cache_dir:
+        cfg = cfg.replace(cache_dir=args.cache_dir)
+    res = main(cfg)
+    print(json.dumps(res["summary"], indent=1))
+    print(f"total {res['seconds']:.1f} s -> {cfg.out_dir}")

@@ -1,0 +1,579 @@
+"""Denoisers for noisy weights ``w̃ = w + n``, ``n ~ N(0, σ_n²)`` (Shao, Liew & Gündüz 2023).
+
+Every estimator maps a *noisy parameter pytree* and the *known noise power* to a
+denoised pytree.  A leaf filter chooses the leaves (default
+:func:`noisejax.noise.default_leaf_filter`: normalization parameters and
+``batch_stats`` are left untouched, as they are sent noise-free).  The noise power
+is a scalar or the per-leaf tree returned by :func:`noisejax.noise.noise_power`
+(``None`` leaves are skipped as well).  Statistics are taken per *group*: the
+whole leaf (a "layer", default) or, with ``per_channel=True``, each output channel
+(last axis) of leaves with two or more dimensions.
+
+Estimators (per group ``g``, ``σ²`` its noise power):
+
+* :func:`ml` — maximum likelihood, ``ŵ = w̃``.
+* :func:`mmse` — Gaussian prior ``N(μ_g, σ_g²)``: ``ŵ = μ_g + η/(η+1)·(w̃ − μ_g)``,
+  ``η = σ_g²/σ²``.  Without side information ``μ_g = mean(w̃_g)`` and
+  ``σ_g² = max(var(w̃_g) − σ², 0)``; with ``prior=clean_prior(clean)`` the clean
+  weights' statistics are used.
+* :func:`compensated` — the authors' compensated estimator ("MMSE_pb"):
+  ``θ = η/(η+1−λ')``, ``ρ = σ_g²·β/(η+1−λ')``, ``ŵ = θ·w̃ + ρ``; ``(λ'=1, β=0)`` is ML
+  exactly.  ``λ'`` and ``β`` are pytree leaves, so a grid is a ``vmap``
+  (:func:`compensated_grid`).
+* :class:`LearnedDenoiser` — a WNR-conditioned affine map per group, trained with
+  optax on the expected loss of the denoised network (:func:`train_learned`)::
+
+      ŵ = a_g·(w̃ + σ·c_g)
+      log a_g = (s_g0 + s_g1·τ)·log(1 − ν_g) + B·tanh(A_g·φ/B),   c_g = B·tanh(C_g·φ/B)
+      φ = [ν_g, ν_g·τ, ν_g², ν_g²·τ],  τ = (WNR − center)/half_width,  ν_g = σ²/var(w̃_g) ∈ [0, 1]
+
+  ``1 − ν_g`` is the (zero-mean prior) MMSE gain estimated from the noisy weights, so
+  the exponent ``s`` interpolates between ML (``s = 0``) and MMSE (``s = 1``) and
+  beyond; ``σ·c_g`` is a compensation shift like the compensated estimator's ``ρ``.
+  All coefficients zero is ML, which is where training starts by default.
+
+Frozen dataclass pytrees wrap them with a common call ``est(noisy, noise_power,
+wnr_db=...)``; :func:`estimator` looks one up by name.
+
+Example::
+
+    >>> from noisejax import denoise, noise
+    >>> pw = noise.noise_power(params, 0.0)
+    >>> noisy = noise.add_weight_noise(params, 0.0, key=jax.random.key(0))
+    >>> hat = denoise.mmse(noisy, pw)
+    >>> grid = denoise.compensated_grid([0.5, 1.0], [-1.0, 0.0])   # 4 (λ', β) points
+    >>> outs = jax.vmap(lambda e: e(noisy, pw))(grid)               # leaves gain a leading 4
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from noisejax import _validate
+from noisejax import noise as _noise
+from noisejax.errors import InvalidArgumentError, ShapeMismatchError
+
+__all__ = [
+    "Prior",
+    "clean_prior",
+    "group_stats",
+    "ml",
+    "mmse",
+    "compensated",
+    "ML",
+    "MMSE",
+    "CompensatedMMSE",
+    "compensated_grid",
+    "LearnedDenoiser",
+    "init_learned",
+    "learned_objective",
+    "train_learned",
+    "ESTIMATORS",
+    "estimator",
+]
+
+Array = jax.Array
+PyTree = Any
+LeafFilter = _noise.LeafFilter
+_N_FEATURES = 4
+_MIN_GAIN = 1e-4
+
+
+# ----------------------------------------------------------------------------------
+# helpers: selected leaves, groups, statistics
+# ----------------------------------------------------------------------------------
+
+
+def _reduce_axes(leaf: Array, per_channel: bool) -> Optional[tuple[int, ...]]:
+    """Axes a group's statistics reduce over (``None``: the whole leaf)."""
+    if per_channel and leaf.ndim >= 2:
+        return tuple(range(leaf.ndim - 1))
+    return None
+
+
+def group_stats(w: Array, *, per_channel: bool = False) -> tuple[Array, Array]:
+    """Mean and (population) variance of ``w`` per group, broadcastable to ``w``."""
+    axes = _reduce_axes(w, per_channel)
+    return jnp.mean(w, axis=axes, keepdims=True), jnp.var(w, axis=axes, keepdims=True)
+
+
+def _flatten_power(params: PyTree, noise_power: Any, treedef) -> list:
+    """Per-leaf noise power list (``None`` = skip) from a scalar or a noise_power tree."""
+    if noise_power is None:
+        raise InvalidArgumentError("noise_power must be a scalar or a tree from noise.noise_power, got None")
+    if isinstance(noise_power, (int, float)) or (hasattr(noise_power, "ndim") and noise_power.ndim == 0):
+        _validate.check_variance("noise_power", noise_power)
+        return [noise_power] * treedef.num_leaves
+    try:
+        return treedef.flatten_up_to(noise_power)
+    except (ValueError, TypeError) as exc:
+        raise ShapeMismatchError(f"noise_power tree does not match the parameter tree: {exc}") from None
+
+
+def _map_groups(
+    fn: Callable[..., Array],
+    noisy: PyTree,
+    noise_power: Any,
+    leaf_filter: LeafFilter,
+    *extra: PyTree,
+) -> PyTree:
+    """Apply ``fn(leaf, power, *extra_leaves, index)`` to selected leaves, keep the others."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(noisy)
+    powers = _flatten_power(noisy, noise_power, treedef)
+    extra_leaves = [treedef.flatten_up_to(t) if t is not None else [None] * len(powers) for t in extra]
+    out = []
+    for k, ((path, leaf), p) in enumerate(zip(leaves_with_path, powers)):
+        if p is None or not leaf_filter(path, leaf):
+            out.append(leaf)
+        else:
+            p = jnp.asarray(p, leaf.dtype)
+            out.append(fn(leaf, p, *[e[k] for e in extra_leaves], k))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _safe_div(a: Array, b: Array) -> Array:
+    return a / jnp.where(b == 0, 1.0, b)
+
+
+# ----------------------------------------------------------------------------------
+# priors (side information)
+# ----------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Prior:
+    """Clean-weight statistics per group: ``mean`` and ``var`` trees (``None`` on skipped leaves)."""
+
+    mean: PyTree
+    var: PyTree
+    per_channel: bool = struct.field(pytree_node=False, default=False)
+
+
+def clean_prior(
+    clean: PyTree, *, per_channel: bool = False, leaf_filter: LeafFilter = _noise.default_leaf_filter
+) -> Prior:
+    """Side information for :func:`mmse` / :func:`compensated`: the clean weights' mean and variance per group."""
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(clean)
+    means, variances = [], []
+    for path, leaf in leaves_with_path:
+        if leaf_filter(path, leaf):
+            m, v = group_stats(jnp.asarray(leaf), per_channel=per_channel)
+            means.append(m)
+            variances.append(v)
+        else:
+            means.append(None)
+            variances.append(None)
+    return Prior(
+        jax.tree_util.tree_unflatten(treedef, means), jax.tree_util.tree_unflatten(treedef, variances), per_channel
+    )
+
+
+def _prior_leaves(prior: Optional[Prior], treedef, per_channel: bool):
+    if prior is None:
+        return None, None
+    if prior.per_channel != per_channel:
+        raise InvalidArgumentError(
+            f"prior was computed with per_channel={prior.per_channel} but the estimator uses per_channel={per_channel}"
+        )
+    return prior.mean, prior.var
+
+
+def _noisy_stats(w: Array, p: Array, per_channel: bool) -> tuple[Array, Array]:
+    """``μ = mean(w̃)``, ``σ_w² = max(var(w̃) − σ², 0)`` per group."""
+    m, v = group_stats(w, per_channel=per_channel)
+    return m, jnp.maximum(v - p, 0.0)
+
+
+# ----------------------------------------------------------------------------------
+# closed-form estimators
+# ----------------------------------------------------------------------------------
+
+
+def ml(noisy: PyTree, noise_power: Any = None, **_: Any) -> PyTree:
+    """Maximum likelihood: ``ŵ = w̃`` (returns ``noisy`` itself)."""
+    return noisy
+
+
+def mmse(
+    noisy: PyTree,
+    noise_power: Any,
+    *,
+    prior: Optional[Prior] = None,
+    per_channel: bool = False,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+) -> PyTree:
+    """Posterior mean under a Gaussian prior per group: ``ŵ = μ + σ_w²/(σ_w²+σ²)·(w̃ − μ)``.
+
+    Args:
+      noisy: parameter pytree ``w̃``.
+      noise_power: σ² (scalar, or per-leaf tree from :func:`noisejax.noise.noise_power`).
+      prior: ``None`` estimates ``μ = mean(w̃)``, ``σ_w² = max(var(w̃) − σ², 0)`` from the
+        noisy weights; a :class:`Prior` (:func:`clean_prior`) supplies clean statistics.
+      per_channel: statistics per output channel instead of per leaf.
+      leaf_filter: which leaves to denoise.
+    """
+    mean_tree, var_tree = _prior_leaves(prior, None, per_channel)
+
+    def fn(w, p, m, v, _k):
+        if m is None:
+            m, v = _noisy_stats(w, p, per_channel)
+        theta = _safe_div(v, v + p)
+        theta = jnp.where(p > 0, theta, 1.0)
+        return (m + theta * (w - m)).astype(w.dtype)
+
+    return _map_groups(fn, noisy, noise_power, leaf_filter, mean_tree, var_tree)
+
+
+def compensated(
+    noisy: PyTree,
+    noise_power: Any,
+    *,
+    lam: Array = 1.0,
+    beta: Array = 0.0,
+    prior: Optional[Prior] = None,
+    per_channel: bool = False,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+) -> PyTree:
+    """The authors' compensated MMSE: ``ŵ = θ·w̃ + ρ``, ``θ = η/(η+1−λ')``, ``ρ = σ_w²·β/(η+1−λ')``.
+
+    ``η = σ_w²/σ²`` per group, ``σ_w²`` estimated as in :func:`mmse` (or from ``prior``).
+    ``λ'=1, β=0`` gives ``θ = 1, ρ = 0`` — ML, bit for bit.  Where ``η + 1 − λ' <= 0``
+    (or σ² = 0) the limit ``λ' → 1`` is used: ``θ = 1``, ``ρ = β·σ²``.
+    """
+    _validate.check_real_number("lam", lam)
+    _validate.check_real_number("beta", beta)
+    _, var_tree = _prior_leaves(prior, None, per_channel)
+
+    def fn(w, p, v, _k):
+        if v is None:
+            _, v = _noisy_stats(w, p, per_channel)
+        lam_, beta_ = jnp.asarray(lam, w.dtype), jnp.asarray(beta, w.dtype)
+        eta = _safe_div(v, p)
+        denom = eta + 1.0 - lam_
+        ok = (denom > 0) & (p > 0)
+        theta = jnp.where(ok, _safe_div(eta, denom), 1.0)
+        rho = jnp.where(ok, _safe_div(v * beta_, denom), beta_ * p)
+        return (theta * w + rho).astype(w.dtype)
+
+    return _map_groups(fn, noisy, noise_power, leaf_filter, var_tree)
+
+
+# ----------------------------------------------------------------------------------
+# estimator objects
+# ----------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class ML:
+    """Maximum likelihood (identity).  ``ML()(noisy, noise_power) is noisy``."""
+
+    name: str = struct.field(pytree_node=False, default="ml")
+
+    def __call__(self, noisy: PyTree, noise_power: Any = None, *, wnr_db: Any = None) -> PyTree:
+        return noisy
+
+
+@struct.dataclass
+class MMSE:
+    """Gaussian-prior MMSE (:func:`mmse`); ``prior=None`` means no side information."""
+
+    prior: Optional[Prior] = None
+    per_channel: bool = struct.field(pytree_node=False, default=False)
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="mmse")
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        return mmse(noisy, noise_power, prior=self.prior, per_channel=self.per_channel, leaf_filter=self.leaf_filter)
+
+
+@struct.dataclass
+class CompensatedMMSE:
+    """Compensated MMSE (:func:`compensated`); ``lam`` and ``beta`` are leaves (vmap a grid)."""
+
+    lam: Array = 1.0
+    beta: Array = 0.0
+    prior: Optional[Prior] = None
+    per_channel: bool = struct.field(pytree_node=False, default=False)
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="compensated")
+
+    def __post_init__(self):
+        for field in ("lam", "beta"):
+            value = getattr(self, field)
+            _validate.check_real_number(f"CompensatedMMSE.{field}", value)
+            if isinstance(value, (int, float, np.ndarray, np.number)):
+                object.__setattr__(self, field, jnp.asarray(value, jnp.result_type(float)))
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        return compensated(
+            noisy,
+            noise_power,
+            lam=self.lam,
+            beta=self.beta,
+            prior=self.prior,
+            per_channel=self.per_channel,
+            leaf_filter=self.leaf_filter,
+        )
+
+
+def compensated_grid(
+    lams: Sequence[float],
+    betas: Sequence[float],
+    *,
+    per_channel: bool = False,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+) -> CompensatedMMSE:
+    """All ``len(lams)·len(betas)`` pairs as one :class:`CompensatedMMSE` with ``(G,)`` leaves.
+
+    Point ``i`` is ``(lams[i // len(betas)], betas[i % len(betas)])``.  ``jax.vmap`` over
+    the estimator evaluates the whole grid in one call.
+    """
+    lam_arr = np.asarray(lams, dtype=np.float64).ravel()
+    beta_arr = np.asarray(betas, dtype=np.float64).ravel()
+    if lam_arr.size == 0 or beta_arr.size == 0:
+        raise InvalidArgumentError("compensated_grid needs at least one lam and one beta")
+    _validate.check_real_number("lams", lam_arr)
+    _validate.check_real_number("betas", beta_arr)
+    lam_g, beta_g = np.meshgrid(lam_arr, beta_arr, indexing="ij")
+    dtype = jnp.result_type(float)
+    return CompensatedMMSE(
+        jnp.asarray(lam_g.ravel(), dtype), jnp.asarray(beta_g.ravel(), dtype), None, per_channel, leaf_filter
+    )
+
+
+# ----------------------------------------------------------------------------------
+# learned denoiser
+# ----------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class LearnedDenoiser:
+    """WNR-conditioned affine denoiser per group (see the module docstring).
+
+    Attributes:
+      coef: tuple with one entry per parameter leaf: ``None`` (not denoised) or a dict
+        ``{"mmse_exponent": (G, 2), "log_scale": (G, 4), "shift": (G, 4)}`` (``G`` groups).
+      wnr_center, wnr_half_width: static normalization ``τ = (WNR − center)/half_width``.
+      per_channel, leaf_filter: static grouping and leaf choice.
+      bound: static soft bound ``B`` (tanh) on ``log a`` and ``c``: ``log a = B·tanh(A·φ/B)``,
+        ``c = B·tanh(C·φ/B)`` (identity near zero; keeps server-side training stable).
+
+    ``den(noisy, noise_power, wnr_db=w)`` returns the denoised tree (``wnr_db`` is the
+    nominal WNR of the noise, a scalar).
+    """
+
+    coef: tuple
+    wnr_center: float = struct.field(pytree_node=False, default=0.0)
+    wnr_half_width: float = struct.field(pytree_node=False, default=10.0)
+    per_channel: bool = struct.field(pytree_node=False, default=False)
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="learned")
+    bound: float = struct.field(pytree_node=False, default=4.0)
+
+    def features(self, wnr_db: Array, nu: Array) -> Array:
+        """``φ = [ν, ν·τ, ν², ν²·τ]`` with a trailing axis of 4 (``wnr_db`` broadcast to ``nu``).
+
+        Every feature vanishes with the noise fraction ν, so the denoiser tends to ML
+        (``ŵ → w̃``) as the WNR grows, whatever its coefficients.
+        """
+        tau = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
+        tau = jnp.broadcast_to(tau, nu.shape).astype(nu.dtype)
+        nu2 = nu * nu
+        return jnp.stack([nu, nu * tau, nu2, nu2 * tau], axis=-1)
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        if wnr_db is None:
+            raise InvalidArgumentError("LearnedDenoiser needs wnr_db= (the nominal WNR in dB of the noise)")
+        leaves, treedef = jax.tree_util.tree_flatten(noisy)
+        if len(self.coef) != len(leaves):
+            raise ShapeMismatchError(
+                f"LearnedDenoiser has {len(self.coef)} leaf entries, parameters have {len(leaves)} leaves"
+            )
+
+        def fn(w, p, _k_unused, k):
+            c = self.coef[k]
+            if c is None:
+                return w
+            m, v = group_stats(w, per_channel=self.per_channel)
+            nu = jnp.clip(_safe_div(p, v), 0.0, 1.0)  # fraction of noise in the observed variance
+            phi = self.features(wnr_db, nu.reshape(-1))  # (G, 4)
+            shape = m.shape
+            bound = self.bound
+            tau = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
+            expo = c["mmse_exponent"][:, 0] + c["mmse_exponent"][:, 1] * tau  # (G,)
+            log_theta = jnp.log(jnp.maximum(1.0 - nu.reshape(-1), _MIN_GAIN))  # log of the MMSE gain
+            log_a = expo * log_theta + bound * jnp.tanh(jnp.sum(c["log_scale"] * phi, axis=-1) / bound)
+            log_a = log_a.reshape(shape)
+            shift = bound * jnp.tanh(jnp.sum(c["shift"] * phi, axis=-1) / bound).reshape(shape)
+            out = jnp.exp(log_a) * (w + jnp.sqrt(p) * shift)
+            return out.astype(w.dtype)
+
+        return _map_groups(fn, noisy, noise_power, self.leaf_filter, None)
+
+
+def _n_groups(leaf: Any, per_channel: bool) -> int:
+    return int(leaf.shape[-1]) if (per_channel and leaf.ndim >= 2) else 1
+
+
+def init_learned(
+    params: PyTree,
+    *,
+    wnr_range: tuple[float, float] = (-10.0, 20.0),
+    per_channel: bool = False,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+    mmse_exponent: float = 0.0,
+) -> LearnedDenoiser:
+    """A :class:`LearnedDenoiser` for trees shaped like ``params``.
+
+    All coefficients start at zero (ML) except the constant MMSE exponent
+    ``s_g0 = mmse_exponent`` (``1.0`` starts at the no-side-information MMSE).
+    """
+    lo, hi = (float(x) for x in wnr_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise InvalidArgumentError(f"wnr_range must be (low, high) with high > low, got {wnr_range!r}")
+    coef = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if leaf_filter(path, leaf):
+            g = _n_groups(leaf, per_channel)
+            zeros = jnp.zeros((g, _N_FEATURES), jnp.result_type(float))
+            expo = jnp.zeros((g, 2), zeros.dtype).at[:, 0].set(mmse_exponent)
+            coef.append({"mmse_exponent": expo, "log_scale": zeros, "shift": zeros})
+        else:
+            coef.append(None)
+    return LearnedDenoiser(tuple(coef), (lo + hi) / 2, (hi - lo) / 2, per_channel, leaf_filter)
+
+
+def learned_objective(
+    denoiser: LearnedDenoiser,
+    clean: PyTree,
+    loss_fn: Callable[[PyTree, Any], Array],
+    batch: Any,
+    *,
+    key: Array,
+    n_draws: int,
+    wnr_range: tuple[float, float],
+    reference: str = "variance",
+    scope: str = "global",
+) -> Array:
+    """Monte Carlo estimate of ``E_{WNR~U(range), n}[ loss_fn(denoiser(clean + n), batch) ]``.
+
+    ``n_draws`` noise realizations (each with its own WNR drawn uniformly in
+    ``wnr_range``) are evaluated with ``vmap``; realization ``i`` uses
+    ``fold_in(key, i)``.  The noise is reparameterized (``w + σ·ε``), so the
+    gradient with respect to ``denoiser`` flows through the denoised network only.
+    """
+    lo, hi = wnr_range
+
+    def one(i):
+        k = jax.random.fold_in(key, i)
+        wnr = jax.random.uniform(jax.random.fold_in(k, 0), (), minval=lo, maxval=hi)
+        pw = _noise.noise_power(clean, wnr, reference=reference, scope=scope, leaf_filter=denoiser.leaf_filter)
+        noisy = _noise.add_weight_noise(
+            clean, wnr, key=jax.random.fold_in(k, 1), reference=reference, scope=scope, leaf_filter=denoiser.leaf_filter
+        )
+        return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
+
+    return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
+
+
+def train_learned(
+    denoiser: LearnedDenoiser,
+    clean: PyTree,
+    loss_fn: Callable[[PyTree, Any], Array],
+    data: tuple[Array, ...],
+    *,
+    key: Array,
+    steps: int = 200,
+    n_draws: int = 8,
+    batch_size: int = 128,
+    learning_rate: float = 0.03,
+    wnr_range: Optional[tuple[float, float]] = None,
+    reference: str = "variance",
+    scope: str = "global",
+    optimizer: Optional[optax.GradientTransformation] = None,
+    progress: bool = False,
+) -> tuple[LearnedDenoiser, dict]:
+    """Train ``denoiser`` with optax on calibration ``data`` (never the test set).
+
+    Each step draws a minibatch of ``batch_size`` examples from ``data`` (a tuple of
+    arrays with a common leading axis, passed to ``loss_fn(params, batch)``) and
+    ``n_draws`` noise realizations with WNRs uniform in ``wnr_range`` (default: the
+    denoiser's own range) and takes one Adam step on :func:`learned_objective`.
+
+    Returns:
+      ``(trained, history)`` with ``history = {"loss": [...], "seconds": s}`` (the
+      per-step objective on that step's minibatch and draws).
+    """
+    steps = _validate.check_int("steps", steps, minimum=1)
+    n_draws = _validate.check_int("n_draws", n_draws, minimum=1)
+    batch_size = _validate.check_int("batch_size", batch_size, minimum=1)
+    n = int(data[0].shape[0])
+    if any(int(d.shape[0]) != n for d in data):
+        raise ShapeMismatchError("all calibration arrays must share their leading dimension")
+    if wnr_range is None:
+        wnr_range = (denoiser.wnr_center - denoiser.wnr_half_width, denoiser.wnr_center + denoiser.wnr_half_width)
+    opt = optimizer if optimizer is not None else optax.adam(learning_rate)
+    opt_state = opt.init(denoiser)
+    data = tuple(jnp.asarray(d) for d in data)
+    batch_size = min(batch_size, n)
+
+    @jax.jit
+    def step(den, opt_state, k):
+        idx = jax.random.choice(jax.random.fold_in(k, 0), n, (batch_size,), replace=False)
+        batch = tuple(d[idx] for d in data)
+        obj = lambda d: learned_objective(  # noqa: E731
+            d, clean, loss_fn, batch, key=jax.random.fold_in(k, 1), n_draws=n_draws,
+            wnr_range=wnr_range, reference=reference, scope=scope,
+        )
+        value, grads = jax.value_and_grad(obj)(den)
+        updates, opt_state = opt.update(grads, opt_state, den)
+        return optax.apply_updates(den, updates), opt_state, value
+
+    t0 = time.perf_counter()
+    losses = []
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="train denoiser", leave=False)
+    for s in iterator:
+        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s))
+        losses.append(value)
+    losses = [float(v) for v in jax.device_get(losses)]
+    return denoiser, {"loss": losses, "seconds": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------
+# lookup
+# ----------------------------------------------------------------------------------
+
+ESTIMATORS = {"ml": ML, "mmse": MMSE, "compensated": CompensatedMMSE, "learned": LearnedDenoiser}
+
+
+def estimator(name: str, **kwargs: Any):
+    """Build an estimator by name: ``ml``, ``mmse``, ``mmse_side`` (needs ``prior=``),
+    ``compensated`` (``lam=``, ``beta=``) or ``learned`` (needs ``coef=``, see :func:`init_learned`).
+
+    Example::
+
+        >>> estimator("compensated", lam=1.0, beta=-0.5)
+    """
+    if name == "mmse_side":
+        if kwargs.get("prior") is None:
+            raise InvalidArgumentError("estimator 'mmse_side' needs prior= (see denoise.clean_prior)")
+        return MMSE(name="mmse_side", **kwargs)
+    if name not in ESTIMATORS:
+        raise InvalidArgumentError(
+            f"unknown estimator {name!r}; expected one of {', '.join(map(repr, [*ESTIMATORS, 'mmse_side']))}"
+        )
+    if name == "learned" and "coef" not in kwargs:
+        raise InvalidArgumentError("estimator 'learned' needs coef= (build one with denoise.init_learned)")
+    return ESTIMATORS[name](**kwargs)
