@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -271,19 +272,26 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
 
 
 def _empty_state(out_struct, streams, sharding) -> Welford:
-    def zeros(s):
+    for s in jax.tree_util.tree_leaves(out_struct):
         if not jnp.issubdtype(s.dtype, jnp.inexact):
             raise InvalidArgumentError(f"fn must return floating-point arrays, got dtype {s.dtype}")
-        return jnp.zeros((streams,) + tuple(s.shape), s.dtype)
+    leaves, treedef = jax.tree_util.tree_flatten(out_struct)
+    return _zeros_builder(treedef, tuple((tuple(s.shape), jnp.dtype(s.dtype)) for s in leaves), streams, sharding)()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_builder(treedef, specs, streams, sharding):
+    """A compiled zero-state constructor, built once per output structure and sharding."""
 
     def make():
+        zeros = [jnp.zeros((streams,) + shape, dtype) for shape, dtype in specs]
         return Welford(
             jnp.zeros((streams,), jnp.int32),
-            jax.tree_util.tree_map(zeros, out_struct),
-            jax.tree_util.tree_map(zeros, out_struct),
+            jax.tree_util.tree_unflatten(treedef, zeros),
+            jax.tree_util.tree_unflatten(treedef, [jnp.zeros_like(z) for z in zeros]),
         )
 
-    return jax.jit(make, out_shardings=sharding)()
+    return jax.jit(make, out_shardings=sharding)
 
 
 def monte_carlo(
@@ -401,10 +409,14 @@ def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
     The merge runs on a single device with a fixed program, so its rounding is the
     same whatever the number of devices that produced the accumulators.
     """
-    replicated = NamedSharding(mesh, P())
-    gathered = jax.jit(lambda s: s, out_shardings=replicated)(state)
+    gathered = _replicator(NamedSharding(mesh, P()))(state)
     local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), gathered)
     return _finalize_local(local)
+
+
+@functools.lru_cache(maxsize=16)
+def _replicator(sharding):
+    return jax.jit(lambda s: s, out_shardings=sharding)
 
 
 @jax.jit
