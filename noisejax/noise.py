@@ -221,6 +221,13 @@ def all_float_leaves(path: tuple, leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+def _map_selected(params: PyTree, leaf_filter: LeafFilter, f: Callable[[int, Any], Any]) -> PyTree:
+    """Replace every selected leaf by ``f(k, leaf)`` (``k``: its flattening index)."""
+    leaves, mask, treedef = _selected(params, leaf_filter)
+    out = [f(k, leaf) if m else leaf for k, (leaf, m) in enumerate(zip(leaves, mask))]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _selected(params: PyTree, leaf_filter: LeafFilter):
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     mask = [bool(leaf_filter(path, leaf)) for path, leaf in leaves_with_path]
@@ -371,15 +378,11 @@ class MultiplicativeWeightNoise:
         object.__setattr__(self, "variance", _as_leaf(self.variance))
 
     def apply(self, params: PyTree, *, key: Array) -> PyTree:
-        leaves, mask, treedef = _selected(params, self.leaf_filter)
-        out = []
-        for k, (leaf, m) in enumerate(zip(leaves, mask)):
-            if not m:
-                out.append(leaf)
-                continue
+        def perturb(k, leaf):
             eps = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
-            out.append(leaf * (1 + jnp.sqrt(self.variance).astype(leaf.dtype) * eps))
-        return jax.tree_util.tree_unflatten(treedef, out)
+            return leaf * (1 + jnp.sqrt(self.variance).astype(leaf.dtype) * eps)
+
+        return _map_selected(params, self.leaf_filter, perturb)
 
 
 @struct.dataclass
@@ -406,23 +409,18 @@ class Quantization:
         if self.stochastic and key is None:
             raise InvalidArgumentError("Quantization(stochastic=True).apply needs key=")
         levels = 2 ** (self.bits - 1) - 1
-        leaves, mask, treedef = _selected(params, self.leaf_filter)
-        out = []
-        for k, (leaf, m) in enumerate(zip(leaves, mask)):
-            if not m:
-                out.append(leaf)
-                continue
+
+        def quantize(k, leaf):
             step = jnp.max(jnp.abs(leaf)) / levels
             step = jnp.where(step > 0, step, 1.0)
             scaled = leaf / step
             if self.stochastic:
-                u = jax.random.uniform(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
-                q = jnp.floor(scaled + u)
+                q = jnp.floor(scaled + jax.random.uniform(jax.random.fold_in(key, k), leaf.shape, leaf.dtype))
             else:
                 q = jnp.round(scaled)
-            out.append((jnp.clip(q, -levels, levels) * step).astype(leaf.dtype))
-        return jax.tree_util.tree_unflatten(treedef, out)
+            return (jnp.clip(q, -levels, levels) * step).astype(leaf.dtype)
 
+        return _map_selected(params, self.leaf_filter, quantize)
 
 @struct.dataclass
 class LocalWeightNoise:
