@@ -52,7 +52,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
@@ -88,7 +88,9 @@ class Block:
     """One paper layer ``y = f(x W + b)`` (+ noise site), as plain arrays and specs.
 
     Attributes:
-      W: ``(fan_in, fan_out)`` weights.
+      W: ``(fan_in, fan_out)`` weights (a NumPy array: transformations run eagerly in
+        NumPy on concrete, trained parameters; :func:`assemble` turns them back into
+        jax arrays).
       b: ``(fan_out,)`` bias or ``None``.
       act: the activation's ``spec`` dict (``None``: identity, a linear read-out).
       noisy: whether the block ends with a :func:`noisejax.layers.NeuronNoise` site.
@@ -109,7 +111,7 @@ class Block:
         """The activation at 0, ``f(0)`` (0 for the identity)."""
         if self.act is None:
             return 0.0
-        return float(self.act["fn"](jnp.zeros((), jnp.float32)))
+        return _f0(self.act["fn"])
 
     def replace(self, **kw) -> "Block":
         return dataclasses.replace(self, **kw)
@@ -142,19 +144,30 @@ def blocks(net: layers.Layer, params) -> list[Block]:
             raise InvalidArgumentError(f"block {l} has children {kinds}; {_BAD_NET}")
         if not isinstance(p, (tuple, list)) or len(p) != len(kinds) or not isinstance(p[0], Mapping) or "W" not in p[0]:
             raise ShapeMismatchError(f"params[{l}] must be a tuple ({{'W', 'b'}}, ...) with {len(kinds)} entries")
-        W = jnp.asarray(p[0]["W"])
+        W = _concrete(f"params[{l}][0]['W']", p[0]["W"])
         b = p[0].get("b")
         if W.ndim != 2:
             raise ShapeMismatchError(f"params[{l}][0]['W'] must be 2-D (fan_in, fan_out), got shape {tuple(W.shape)}")
         if out and out[-1].width != W.shape[0]:
             raise ShapeMismatchError(f"block {l} has fan_in {W.shape[0]} but block {l - 1} has {out[-1].width} outputs")
         if b is not None:
-            b = jnp.asarray(b)
+            b = _concrete(f"params[{l}][0]['b']", b)
             if tuple(b.shape) != (W.shape[1],):
                 raise ShapeMismatchError(f"params[{l}][0]['b'] must have shape ({W.shape[1]},), got {tuple(b.shape)}")
         act = cs["children"][1] if "activation" in kinds else None
         out.append(Block(W, b, act, kinds[-1] == "neuron_noise", tuple(p[1:])))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _f0(fn) -> float:
+    return float(fn(np.zeros((), np.float32)))
+
+
+def _concrete(name: str, value) -> np.ndarray:
+    if isinstance(value, jax.core.Tracer):
+        raise InvalidArgumentError(f"{name} is traced: mitigate transformations need concrete params (call them outside jit)")
+    return np.asarray(value)
 
 
 def _activation_layer(spec: dict) -> layers.Layer:
@@ -180,7 +193,7 @@ def assemble(block_list: Sequence[Block]) -> tuple[layers.Layer, tuple]:
     children, params = [], []
     for blk in block_list:
         parts = [layers.Dense(blk.width, use_bias=blk.b is not None)]
-        dense_p = {"W": blk.W} if blk.b is None else {"W": blk.W, "b": blk.b}
+        dense_p = {"W": jnp.asarray(blk.W)} if blk.b is None else {"W": jnp.asarray(blk.W), "b": jnp.asarray(blk.b)}
         p = [dense_p]
         extra = list(blk.extra)
         if blk.act is not None:
@@ -286,7 +299,7 @@ def scale_slope(net: layers.Layer, params, scales: PerLayer, *, offset_correctio
             W, b = nxt.W, nxt.b
             shift = blk.f0() * (1.0 - 1.0 / s)
             if offset_correction and shift != 0.0:
-                b = (jnp.zeros(W.shape[1], W.dtype) if b is None else b) + shift * jnp.sum(W, axis=0)
+                b = (np.zeros(W.shape[1], W.dtype) if b is None else b) + shift * np.sum(W, axis=0)
             bl[l + 1] = nxt.replace(W=W / s, b=b)
     return assemble(bl)
 
@@ -343,13 +356,13 @@ def pool(
         if P == 1:
             continue
         blk = bl[l]
-        bl[l] = blk.replace(W=jnp.repeat(blk.W, P, axis=1), b=None if blk.b is None else jnp.repeat(blk.b, P))
+        bl[l] = blk.replace(W=np.repeat(blk.W, P, axis=1), b=None if blk.b is None else np.repeat(blk.b, P))
         if l + 1 < n:
             nxt = bl[l + 1]
-            bl[l + 1] = nxt.replace(W=jnp.repeat(nxt.W, P, axis=0) / P)
+            bl[l + 1] = nxt.replace(W=np.repeat(nxt.W, P, axis=0) / P)
         elif readout:
-            eye = jnp.eye(blk.width, dtype=blk.W.dtype)
-            appended = Block(jnp.repeat(eye, P, axis=0) / P, None, None, False)
+            eye = np.eye(blk.width, dtype=blk.W.dtype)
+            appended = Block(np.repeat(eye, P, axis=0) / P, None, None, False)
     if appended is not None:
         bl.append(appended)
     return assemble(bl)
@@ -399,22 +412,22 @@ def ghost_neurons(
     appended = None
     for l in chosen:
         blk = bl[l]
-        W = jnp.concatenate([blk.W, jnp.zeros((blk.W.shape[0], 1), blk.W.dtype)], axis=1)
-        b = None if blk.b is None else jnp.concatenate([blk.b, jnp.zeros((1,), blk.b.dtype)])
+        W = np.concatenate([blk.W, np.zeros((blk.W.shape[0], 1), blk.W.dtype)], axis=1)
+        b = None if blk.b is None else np.concatenate([blk.b, np.zeros((1,), blk.b.dtype)])
         bl[l] = blk.replace(W=W, b=b)
         f0 = blk.f0()
         if l + 1 < n:
             nxt = bl[l + 1]
-            Wg = -jnp.sum(nxt.W, axis=0)
-            Wn = jnp.concatenate([nxt.W, Wg[None, :]], axis=0)
+            Wg = -np.sum(nxt.W, axis=0)
+            Wn = np.concatenate([nxt.W, Wg[None, :]], axis=0)
             bn = nxt.b
             if f0 != 0.0:
-                bn = (jnp.zeros(nxt.width, nxt.W.dtype) if bn is None else bn) - f0 * Wg
+                bn = (np.zeros(nxt.width, nxt.W.dtype) if bn is None else bn) - f0 * Wg
             bl[l + 1] = nxt.replace(W=Wn, b=bn)
         else:
             m = blk.width
-            Wr = jnp.concatenate([jnp.eye(m, dtype=W.dtype), -jnp.ones((1, m), W.dtype)], axis=0)
-            appended = Block(Wr, jnp.full((m,), f0, W.dtype), None, False)
+            Wr = np.concatenate([np.eye(m, dtype=W.dtype), -np.ones((1, m), W.dtype)], axis=0)
+            appended = Block(Wr, np.full((m,), f0, W.dtype), None, False)
     if appended is not None:
         bl.append(appended)
     return assemble(bl)

@@ -74,6 +74,21 @@ def _noise(cfg: _config.Config, noise_type: Optional[str], intensity: float, n_s
     raise ValueError(f"noise_sites must be 'all' or 'hidden', got {cfg.noise_sites!r}")
 
 
+class _Eval:
+    """NumPy view of a :class:`noisejax.train.NoisyEval` (no eager jax ops, hence no small compiles)."""
+
+    def __init__(self, res):
+        self.accuracy = np.asarray(res.accuracy, np.float64)
+        self.output_mean = np.asarray(res.output_mean, np.float64)
+        self.output_var = np.asarray(res.output_var, np.float64)
+        self.mean_accuracy = float(self.accuracy.mean())
+        self.accuracy_std = float(self.accuracy.std())
+        R = len(self.accuracy)
+        noise_power = float(self.output_var.sum())  # same estimator as NoisyEval.snr
+        signal = float(np.square(self.output_mean).sum()) - (noise_power / R if R > 1 else 0.0)
+        self.snr = signal / noise_power if noise_power > 0 else math.inf
+
+
 def _flip_probability(d: float) -> float:
     """P(1 + ξ < 0) for ξ ~ N(0, d): a multiplicative gain that flips the sign."""
     return 0.0 if d <= 0 else 0.5 * math.erfc(1.0 / math.sqrt(2.0 * d))
@@ -120,17 +135,17 @@ def _main(cfg: _config.Config, out_dir: Optional[str]) -> dict:
     nets["pooled+ghost"] = mitigate.pool(*mitigate.ghost_neurons(net, plain.params), cfg.pool_copies)
     evaluators = {name: train.make_evaluator(n, n_realizations=cfg.eval_realizations) for name, (n, _) in nets.items()}
 
-    def evaluate(method_net: str, params, x, y, noise_type, d):
+    def evaluate(method_net: str, params, x, y, noise_type, d) -> _Eval:
         res = evaluators[method_net](params, x, y, noise=_noise(cfg, noise_type, d, n_sites), key=k_eval)
-        return res
+        return _Eval(res)
 
-    clean_val = float(evaluate("plain", plain.params, ds.x_val, ds.y_val, None, 0.0).mean_accuracy)
+    clean_val = evaluate("plain", plain.params, ds.x_val, ds.y_val, None, 0.0).mean_accuracy
     clean_eval = {m: evaluate(m, p, ds.x_test, ds.y_test, None, 0.0) for m, (_, p) in nets.items()}
-    clean_test = {m: float(r.mean_accuracy) for m, r in clean_eval.items()}
+    clean_test = {m: r.mean_accuracy for m, r in clean_eval.items()}
     # the transformations must not change the noise-free outputs
-    scale = float(jnp.max(jnp.abs(clean_eval["plain"].output_mean)))
+    scale = float(np.max(np.abs(clean_eval["plain"].output_mean)))
     noise_free_change = {
-        m: float(jnp.max(jnp.abs(r.output_mean - clean_eval["plain"].output_mean))) for m, r in clean_eval.items() if m != "plain"
+        m: float(np.max(np.abs(r.output_mean - clean_eval["plain"].output_mean))) for m, r in clean_eval.items() if m != "plain"
     }
 
     results: dict = {"config": cfg.to_dict(), "widths": {m: mitigate.widths(n, p) for m, (n, p) in nets.items()}}
@@ -138,7 +153,7 @@ def _main(cfg: _config.Config, out_dir: Optional[str]) -> dict:
     for ti, nt in enumerate(NOISE_TYPES):
         grid = [float(d) for d in cfg.grid(nt)]
         # target intensity, chosen on the validation set
-        val_acc = [float(evaluate("plain", plain.params, ds.x_val, ds.y_val, nt, d).mean_accuracy) for d in grid]
+        val_acc = [evaluate("plain", plain.params, ds.x_val, ds.y_val, nt, d).mean_accuracy for d in grid]
         hits = [d for d, a in zip(grid, val_acc) if d > 0 and clean_val - a >= cfg.min_loss]
         target = hits[0] if hits else max(grid)
         nz_target = _noise(cfg, nt, target, n_sites)
@@ -153,7 +168,7 @@ def _main(cfg: _config.Config, out_dir: Optional[str]) -> dict:
                 net, noise=nz_target, penalty=lam, method=cfg.moments_method, covariance=cfg.moments_covariance
             )
             r = train.fit(obj, p0, ds.x_train, ds.y_train, key=jax.random.fold_in(k_mr, ti), **fit_kw)
-            acc = float(evaluate("plain", r.params, ds.x_val, ds.y_val, nt, target).mean_accuracy)
+            acc = evaluate("plain", r.params, ds.x_val, ds.y_val, nt, target).mean_accuracy
             mr_runs[lam] = (acc, r)
         best_lam = max(mr_runs, key=lambda lam: mr_runs[lam][0])
         mr = mr_runs[best_lam][1]
@@ -180,14 +195,14 @@ def _main(cfg: _config.Config, out_dir: Optional[str]) -> dict:
         for m, (ev_name, params) in method_params.items():
             accs = [evaluate(ev_name, params, ds.x_test, ds.y_test, nt, d) for d in grid]
             curves[m] = {
-                "mean": [float(a.mean_accuracy) for a in accs],
-                "std": [float(jnp.std(a.accuracy)) for a in accs],
+                "mean": [a.mean_accuracy for a in accs],
+                "std": [a.accuracy_std for a in accs],
             }
             r = evaluate(ev_name, params, ds.x_test, ds.y_test, nt, target)
             at_target[m] = {
-                "accuracy": float(r.mean_accuracy),
-                "accuracy_std": float(jnp.std(r.accuracy)),
-                "snr": float(r.snr),
+                "accuracy": r.mean_accuracy,
+                "accuracy_std": r.accuracy_std,
+                "snr": r.snr,
                 "clean_accuracy": curves[m]["mean"][grid.index(0.0)] if 0.0 in grid else None,
             }
         plain_clean = clean_test["plain"]
@@ -231,15 +246,15 @@ def _main(cfg: _config.Config, out_dir: Optional[str]) -> dict:
     for s in cfg.slope_scales:
         snet, sparams = mitigate.scale_slope(net, plain.params, {l: float(s) for l in hidden})
         ev = evaluators["plain"] if cfg.activation != "linear" else train.make_evaluator(snet, n_realizations=cfg.eval_realizations)
-        clean = float(ev(sparams, ds.x_test, ds.y_test, noise=_noise(cfg, None, 0.0, n_sites), key=k_eval).mean_accuracy)
-        noisy = ev(sparams, ds.x_test, ds.y_test, noise=_noise(cfg, "add_uncorrelated", au_target, n_sites), key=k_eval)
+        clean = _Eval(ev(sparams, ds.x_test, ds.y_test, noise=_noise(cfg, None, 0.0, n_sites), key=k_eval)).mean_accuracy
+        noisy = _Eval(ev(sparams, ds.x_test, ds.y_test, noise=_noise(cfg, "add_uncorrelated", au_target, n_sites), key=k_eval))
         slope_rows.append(
             {
                 "scale": float(s),
                 "clean_accuracy": clean,
                 "clean_accuracy_change": clean - clean_test["plain"],
-                "accuracy_at_add_uncorrelated_target": float(noisy.mean_accuracy),
-                "snr_gain_at_add_uncorrelated_target": float(noisy.snr) / per_type["add_uncorrelated"]["at_target"]["plain"]["snr"],
+                "accuracy_at_add_uncorrelated_target": noisy.mean_accuracy,
+                "snr_gain_at_add_uncorrelated_target": noisy.snr / per_type["add_uncorrelated"]["at_target"]["plain"]["snr"],
             }
         )
 
