@@ -240,7 +240,7 @@ def symmetric(
     x_mean: float = 1.0,
     bias: float = 0.0,
     method: str = "linearized",
-    quad_nodes: int = 32,
+    quad_nodes: int = 64,
 ) -> MeanField:
     """Noise per layer of a symmetric network (``W_ij = coupling/N``), layers ``1..depth``.
 
@@ -287,7 +287,7 @@ def symmetric_limit(
     x_mean: float = 1.0,
     bias: float = 0.0,
     method: str = "linearized",
-    quad_nodes: int = 32,
+    quad_nodes: int = 64,
     n_iter: int = 2000,
 ) -> MeanFieldLimit:
     """Depth → ∞ limit of :func:`symmetric` (same ``noise`` at every layer).
