@@ -40,7 +40,6 @@ import time
 from typing import Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
