@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from noisejax import _validate
@@ -72,11 +73,11 @@ _TAG_MU, _TAG_MC, _TAG_AU, _TAG_AC = 0, 1, 2, 3
 
 def _as_leaf(value: Any) -> Any:
     """Turn concrete Python / NumPy numbers into float arrays; leave arrays and tracers alone."""
-    if value is None or isinstance(value, (jax.Array, jax.core.Tracer)):
+    if isinstance(value, bool):
         return value
-    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+    if isinstance(value, (int, float, np.ndarray, np.number)):
         return jnp.asarray(value, dtype=jnp.result_type(float))
-    return value  # sentinels used by jax internals when rebuilding pytrees
+    return value  # jax arrays, tracers, and placeholders jax puts in pytrees (ArgInfo, sentinels)
 
 
 @struct.dataclass
