@@ -11,7 +11,10 @@ them, for weights independent of the signal, to the pre-activation noise::
     U_x = N (M2 − M1²) U              (the rest of Σ_j W_ij² C_jj)
 
 — the mean of the connection matrix carries correlated noise, its mean square
-the uncorrelated noise.  The activation scales them by its gain ``g`` (``f'`` at
+the uncorrelated noise.  Trained layers whose row sums ``r_i = Σ_j W_ji`` spread
+(mean near 0, output layers) need one more number, ``⟨r²⟩``: correlated noise
+reaches neuron ``i`` as ``r_i² K``, so ``U_x`` gains ``(⟨r²⟩ − N² M1²) K``
+(:class:`LayerStatistics` ``row_sum_mean_square``).  The activation scales them by its gain ``g`` (``f'`` at
 the noise-free signal, *linearized*), and the noise site of the layer adds (exact
 second moments, see :mod:`noisejax.moments`)::
 
@@ -130,6 +133,11 @@ class LayerStatistics:
       gain_mean, gain_mean_square: ``⟨g⟩``, ``⟨g²⟩`` of the activation slope at the
         noise-free signal.
       out_mean, out_mean_square: ``⟨m⟩``, ``⟨m²⟩`` of the noise-free outputs.
+      row_sum_mean_square: optional ``⟨r_i²⟩`` with ``r_i = Σ_j W_ji`` (the summed
+        weights into neuron ``i``); ``None`` takes ``r_i = N·M1`` for every ``i``
+        (the pure M1/M2 theory).  Trained layers whose row sums spread around a
+        mean near 0 need it: correlated noise then reaches each neuron as
+        ``r_i² K``, on average ``⟨r²⟩ K ≫ (N M1)² K``.
     """
 
     w_mean: Array
@@ -138,6 +146,7 @@ class LayerStatistics:
     gain_mean_square: Array
     out_mean: Array
     out_mean_square: Array
+    row_sum_mean_square: Optional[Array] = None
     fan_in: int = struct.field(pytree_node=False, default=1)
 
 
@@ -388,6 +397,7 @@ def layer_statistics(net: _layers.Layer, params, x: Array) -> tuple[LayerStatist
                 gain_mean_square=jnp.mean(jnp.square(g)),
                 out_mean=jnp.mean(out),
                 out_mean_square=jnp.mean(jnp.square(out)),
+                row_sum_mean_square=jnp.mean(jnp.square(jnp.sum(W, axis=0))),
                 fan_in=int(W.shape[0]),
             )
         )
@@ -395,12 +405,14 @@ def layer_statistics(net: _layers.Layer, params, x: Array) -> tuple[LayerStatist
     return tuple(stats)
 
 
-def recursion(stats: Sequence[LayerStatistics], noise=None) -> MeanField:
+def recursion(stats: Sequence[LayerStatistics], noise=None, *, row_sums: bool = True) -> MeanField:
     """Mean-field noise per layer from :class:`LayerStatistics` (see the module doc).
 
     With the statistics of a symmetric network it reproduces :func:`symmetric`
     (linearized) exactly; for trained networks it is an approximation (weights
-    taken independent of the signal and of each other).
+    taken independent of the signal and of each other).  ``row_sums=True`` uses
+    ``row_sum_mean_square`` where given: the spread of the row sums adds
+    ``(⟨r²⟩ − (N M1)²) K`` to the independent part of the pre-activation noise.
     """
     stats = list(stats)
     if not stats:
@@ -413,6 +425,8 @@ def recursion(stats: Sequence[LayerStatistics], noise=None) -> MeanField:
         m1, m2 = st.w_mean, st.w_mean_square
         k_x = n * n * m1 * m1 * k + n * m1 * m1 * u
         u_x = n * (m2 - m1 * m1) * u
+        if row_sums and st.row_sum_mean_square is not None:
+            u_x = u_x + (st.row_sum_mean_square - n * n * m1 * m1) * k
         v_f = st.gain_mean_square * (k_x + u_x)
         k_f = jnp.square(st.gain_mean) * k_x
         d_au, d_ac, d_mu, d_mc = _d(nz)
