@@ -257,7 +257,7 @@ def compensated(
             _, v = _noisy_stats(w, p, per_channel)
         lam_, beta_ = jnp.asarray(lam, w.dtype), jnp.asarray(beta, w.dtype)
         eta = _safe_div(v, p)
-        denom = eta + 1.0 - lam_
+        denom = eta + (1.0 - lam_)  # (1 - λ') first: λ' = 1 gives θ = η/η = 1 exactly
         ok = (denom > 0) & (p > 0)
         theta = jnp.where(ok, _safe_div(eta, denom), 1.0)
         rho = jnp.where(ok, _safe_div(v * beta_, denom), beta_ * p)

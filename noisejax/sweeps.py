@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -53,6 +54,49 @@ LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 
 def _accuracy(logits: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size):
+    """Compiled ``(variables, x, y, wnr, keys, ests) -> (R, E)`` accuracies, cached per static setup."""
+
+    @jax.jit
+    def point(variables, x, y, wnr, keys, ests):
+        pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
+
+        def one(k):
+            noisy = _noise.add_weight_noise(
+                variables, wnr, key=k, reference=reference, scope=scope, leaf_filter=leaf_filter
+            )
+            return jnp.stack([_accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
+
+        return jax.lax.map(one, keys, batch_size=batch_size)
+
+    return point
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size):
+    """Compiled ``(variables, wnr, keys, grid, arrays) -> {name: (G, R)}``, cached per static setup."""
+
+    @jax.jit
+    def point(variables, wnr, keys, grid, arrays):
+        pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
+
+        def one(k):
+            noisy = _noise.add_weight_noise(
+                variables, wnr, key=k, reference=reference, scope=scope, leaf_filter=leaf_filter
+            )
+
+            def score(e):
+                den = e(noisy, pw, wnr_db=wnr)
+                return {name: _accuracy(logits_fn(den, x), y) for name, (x, y) in arrays.items()}
+
+            return jax.lax.map(score, grid, batch_size=grid_batch_size)
+
+        return jax.vmap(one, out_axes=1)(keys)
+
+    return point
 
 
 def _realization_keys(key: jax.Array, n: int) -> jax.Array:
@@ -117,17 +161,7 @@ def accuracy_sweep(
         else:
             per_point[n] = [e] * len(grid)
 
-    @jax.jit
-    def point(wnr, keys, ests):
-        pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
-
-        def one(k):
-            noisy = _noise.add_weight_noise(
-                variables, wnr, key=k, reference=reference, scope=scope, leaf_filter=leaf_filter
-            )
-            return jnp.stack([_accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
-
-        return jax.lax.map(one, keys, batch_size=batch_size)  # (R, E)
+    point = _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size)
 
     keys = _realization_keys(key, n_realizations)
     t0 = time.perf_counter()
@@ -139,7 +173,7 @@ def accuracy_sweep(
         iterator = tqdm(iterator, total=len(grid), desc="WNR sweep", leave=False)
     for i, w in iterator:
         ests = [per_point[n][i] for n in names]
-        rows.append(np.asarray(point(jnp.asarray(w, jnp.result_type(float)), keys, ests)))
+        rows.append(np.asarray(point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)))
     acc = np.stack(rows)  # (W, R, E)
     out: dict[str, Any] = {name: acc[:, :, i] for i, name in enumerate(names)}
     out["_seconds"] = time.perf_counter() - t0
@@ -177,25 +211,10 @@ def grid_accuracies(
     if len(sizes) != 1:
         raise ShapeMismatchError(f"grid leaves must share one leading size, got {sorted(sizes)}")
 
-    @jax.jit
-    def point(wnr, keys, grid, arrays):
-        pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
-
-        def one(k):
-            noisy = _noise.add_weight_noise(
-                variables, wnr, key=k, reference=reference, scope=scope, leaf_filter=leaf_filter
-            )
-
-            def score(e):
-                den = e(noisy, pw, wnr_db=wnr)
-                return {name: _accuracy(logits_fn(den, x), y) for name, (x, y) in arrays.items()}
-
-            return jax.lax.map(score, grid, batch_size=grid_batch_size)
-
-        return jax.vmap(one, out_axes=1)(keys)  # name -> (G, R)
+    point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size)
 
     keys = _realization_keys(key, n_realizations)
-    rows = [point(jnp.asarray(w, jnp.result_type(float)), keys, grid, arrays) for w in wnr_db]
+    rows = [point(variables, jnp.asarray(w, jnp.result_type(float)), keys, grid, arrays) for w in wnr_db]
     return {name: np.stack([np.asarray(r[name]) for r in rows]) for name in arrays}
 
 

@@ -1,0 +1,356 @@
+"""Tests of noisejax.denoise, noisejax.sweeps (gains, sweeps, grid search) and noisejax.checkpoint.
+
+Statistical tolerances follow from the sample sizes (≈5 sampling standard deviations);
+closed forms are re-derived here with NumPy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from noisejax import checkpoint, denoise, models, noise, sweeps
+from noisejax.errors import DataFormatError, InvalidArgumentError
+
+
+# ----------------------------------------------------------------------------------
+# fixtures
+# ----------------------------------------------------------------------------------
+
+
+def _synthetic_tree(seed: int = 0, n: int = 40_000) -> dict:
+    """Gaussian 'weights' with distinct means/variances per leaf, plus BatchNorm leaves and batch_stats."""
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {
+            "Dense_0": {"kernel": (0.3 + 0.5 * rng.standard_normal((n // 100, 100))).astype(np.float32),
+                        "bias": (-0.2 + 0.1 * rng.standard_normal(n)).astype(np.float32)},
+            "BatchNorm_0": {"scale": (1 + 0.1 * rng.standard_normal(8)).astype(np.float32),
+                            "bias": (0.1 * rng.standard_normal(8)).astype(np.float32)},
+        },
+        "batch_stats": {"BatchNorm_0": {"mean": rng.standard_normal(8).astype(np.float32),
+                                        "var": np.ones(8, np.float32)}},
+    }
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return jax.tree_util.tree_map(jnp.asarray, _synthetic_tree())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small sigmoid MLP on digits (trained in ~1 s, cached in a temp folder)."""
+    cfg = models.ModelConfig(kind="mlp", dataset="digits", widths=(16,), activation="sigmoid", epochs=15)
+    cache = tmp_path_factory.mktemp("cache")
+    variables, info, ds = models.load_or_train(cfg, cache_dir=cache)
+    return cfg, jax.tree_util.tree_map(jnp.asarray, variables), ds, dict(info, cache_dir=str(cache))
+
+
+def _unselected_equal(a, b):
+    for part in ("batch_stats",):
+        for x, y in zip(jax.tree_util.tree_leaves(a[part]), jax.tree_util.tree_leaves(b[part])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree_util.tree_leaves(a["params"]["BatchNorm_0"]),
+                    jax.tree_util.tree_leaves(b["params"]["BatchNorm_0"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------------
+# weight noise: the requested WNR is realized
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reference", ["variance", "power"])
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_noise_has_requested_wnr(tree, reference, scope):
+    wnr = 3.0
+    noisy = noise.add_weight_noise(tree, wnr, key=jax.random.key(1), reference=reference, scope=scope)
+    _unselected_equal(noisy, tree)  # normalization parameters and statistics stay noise-free
+    leaves = [np.asarray(tree["params"]["Dense_0"][k], np.float64).ravel() for k in ("bias", "kernel")]
+    noisy_leaves = [np.asarray(noisy["params"]["Dense_0"][k], np.float64).ravel() for k in ("bias", "kernel")]
+    ref_pow = (lambda x: np.mean(x**2)) if reference == "power" else (lambda x: np.var(x))
+    if scope == "global":
+        expected = [ref_pow(np.concatenate(leaves)) / 10 ** (wnr / 10)] * 2
+    else:
+        expected = [ref_pow(x) / 10 ** (wnr / 10) for x in leaves]
+    for clean, nz, p in zip(leaves, noisy_leaves, expected):
+        diff = nz - clean
+        n = diff.size
+        # E[mean(d²)] = p, sampling std p·sqrt(2/n)
+        assert abs(np.mean(diff**2) - p) < 5 * p * math.sqrt(2 / n), (reference, scope)
+        assert abs(np.mean(diff)) < 5 * math.sqrt(p / n)
+    if scope == "global":
+        measured = float(noise.measured_wnr_db(tree, noisy, reference=reference))
+        n_all = sum(x.size for x in leaves)
+        # dB error of a variance estimate: 10/ln10 · sqrt(2/n)
+        assert abs(measured - wnr) < 5 * (10 / math.log(10)) * math.sqrt(2 / n_all)
+
+
+# ----------------------------------------------------------------------------------
+# MMSE
+# ----------------------------------------------------------------------------------
+
+
+def test_mmse_side_info_equals_closed_form_posterior_mean(tree):
+    p = 0.2
+    noisy = noise.add_weight_noise(tree, 0.0, key=jax.random.key(2))  # any noisy tree; the formula is exact
+    prior = denoise.clean_prior(tree)
+    hat = denoise.mmse(noisy, p, prior=prior)
+    for k in ("kernel", "bias"):
+        clean = np.asarray(tree["params"]["Dense_0"][k], np.float64)
+        w = np.asarray(noisy["params"]["Dense_0"][k], np.float64)
+        m, v = clean.mean(), clean.var()
+        expected = m + v / (v + p) * (w - m)
+        np.testing.assert_allclose(np.asarray(hat["params"]["Dense_0"][k]), expected, rtol=1e-5, atol=1e-6)
+    _unselected_equal(hat, tree)
+
+
+def test_mmse_without_side_info_matches_true_posterior_mean():
+    """w ~ N(μ, s²) i.i.d., w̃ = w + n: the noisy-statistics MMSE is the posterior mean up to sampling error."""
+    rng = np.random.default_rng(3)
+    n, mu, s2, p = 200_000, 0.4, 0.25, 0.5
+    w = mu + math.sqrt(s2) * rng.standard_normal(n)
+    wt = w + math.sqrt(p) * rng.standard_normal(n)
+    hat = np.asarray(denoise.mmse({"kernel": jnp.asarray(wt, jnp.float32)}, p)["kernel"], np.float64)
+    # ŵ is affine in w̃: recover (θ̂, intercept) and compare with θ = s²/(s²+p), μ(1-θ)
+    slope, intercept = np.polyfit(wt, hat, 1)
+    theta = s2 / (s2 + p)
+    V = s2 + p
+    tol_theta = 5 * (p / V) * math.sqrt(2 / (n - 1))  # θ̂ = 1 - p/V̂, δV̂ ≈ V·sqrt(2/(n-1))
+    assert abs(slope - theta) < tol_theta
+    tol_int = 5 * (math.sqrt(V / n) * (1 - theta) + abs(mu) * tol_theta / 5)
+    assert abs(intercept - mu * (1 - theta)) < tol_int
+    # and the posterior mean has the Bayes MSE s²p/(s²+p) (vs p for ML)
+    bayes = s2 * p / (s2 + p)
+    assert abs(np.mean((hat - w) ** 2) - bayes) < 5 * bayes * math.sqrt(2 / n) + 2 * tol_theta * V
+
+
+def test_mmse_per_channel_statistics():
+    rng = np.random.default_rng(4)
+    scales = np.array([0.1, 1.0, 3.0])
+    w = (rng.standard_normal((500, 3)) * scales).astype(np.float32)
+    p = 0.5
+    hat = np.asarray(denoise.mmse({"kernel": jnp.asarray(w)}, p, per_channel=True)["kernel"])
+    m, v = w.mean(0), np.maximum(w.var(0) - p, 0)
+    np.testing.assert_allclose(hat, m + v / (v + p) * (w - m), rtol=1e-4, atol=1e-5)
+    assert np.allclose(hat[:, 0], m[0], atol=1e-6)  # channel below the noise floor: shrunk to its mean
+
+
+# ----------------------------------------------------------------------------------
+# compensated MMSE
+# ----------------------------------------------------------------------------------
+
+
+def test_compensated_lambda1_beta0_is_ml_exactly(tree):
+    noisy = noise.add_weight_noise(tree, -3.0, key=jax.random.key(5))
+    pw = noise.noise_power(tree, -3.0)
+    for kw in ({}, {"per_channel": True}, {"prior": denoise.clean_prior(tree)}):
+        hat = denoise.compensated(noisy, pw, lam=1.0, beta=0.0, **kw)
+        for a, b in zip(jax.tree_util.tree_leaves(hat), jax.tree_util.tree_leaves(noisy)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # also inside the vmapped grid
+    grid = denoise.compensated_grid([0.0, 0.5, 1.0], [-0.5, 0.0])
+    out = jax.jit(jax.vmap(lambda e: e(noisy, pw)))(grid)
+    i = int(np.nonzero((np.asarray(grid.lam) == 1.0) & (np.asarray(grid.beta) == 0.0))[0][0])
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(noisy)):
+        np.testing.assert_array_equal(np.asarray(a[i]), np.asarray(b))
+
+
+def test_compensated_formula(tree):
+    noisy = noise.add_weight_noise(tree, 2.0, key=jax.random.key(6))
+    p = float(noise.noise_power(tree, 2.0)["params"]["Dense_0"]["kernel"])
+    lam, beta = 0.3, -0.7
+    hat = denoise.compensated(noisy, p, lam=lam, beta=beta)
+    w = np.asarray(noisy["params"]["Dense_0"]["kernel"], np.float64)
+    v = max(w.var() - p, 0.0)
+    eta = v / p
+    theta, rho = eta / (eta + 1 - lam), v * beta / (eta + 1 - lam)
+    np.testing.assert_allclose(np.asarray(hat["params"]["Dense_0"]["kernel"]), theta * w + rho, rtol=1e-4, atol=1e-6)
+    _unselected_equal(hat, tree)
+    # λ' = 0, β = 0 is the zero-mean-prior MMSE θ·w̃ with θ = η/(η+1)
+    hat0 = denoise.compensated(noisy, p, lam=0.0, beta=0.0)
+    np.testing.assert_allclose(np.asarray(hat0["params"]["Dense_0"]["kernel"]), eta / (eta + 1) * w, rtol=1e-4)
+
+
+def test_grid_layout_and_validation():
+    grid = denoise.compensated_grid([0.0, 1.0], [-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(np.asarray(grid.lam), [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(grid.beta), [-1, 0, 1, -1, 0, 1])
+    with pytest.raises(InvalidArgumentError, match="lam"):
+        denoise.CompensatedMMSE(lam=float("nan"))
+    with pytest.raises(InvalidArgumentError):
+        denoise.compensated_grid([], [0.0])
+
+
+def test_estimator_lookup(tree):
+    assert isinstance(denoise.estimator("ml"), denoise.ML)
+    assert isinstance(denoise.estimator("compensated", lam=0.5, beta=0.1), denoise.CompensatedMMSE)
+    side = denoise.estimator("mmse_side", prior=denoise.clean_prior(tree))
+    assert side.name == "mmse_side" and side.prior is not None
+    with pytest.raises(InvalidArgumentError, match="unknown estimator 'wiener'"):
+        denoise.estimator("wiener")
+    with pytest.raises(InvalidArgumentError, match="prior"):
+        denoise.estimator("mmse_side")
+    with pytest.raises(InvalidArgumentError, match="coef"):
+        denoise.estimator("learned")
+
+
+# ----------------------------------------------------------------------------------
+# learned denoiser
+# ----------------------------------------------------------------------------------
+
+
+def test_learned_starts_at_ml_and_leaves_norm_params(tree):
+    den = denoise.init_learned(tree)
+    noisy = noise.add_weight_noise(tree, 0.0, key=jax.random.key(7))
+    hat = den(noisy, noise.noise_power(tree, 0.0), wnr_db=0.0)
+    for a, b in zip(jax.tree_util.tree_leaves(hat), jax.tree_util.tree_leaves(noisy)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    with pytest.raises(InvalidArgumentError, match="wnr_db"):
+        den(noisy, 0.1)
+    # MMSE exponent 1 and nothing else is the zero-mean-prior MMSE gain (1 − ν)
+    den1 = denoise.init_learned(tree, mmse_exponent=1.0)
+    w = np.asarray(noisy["params"]["Dense_0"]["kernel"], np.float64)
+    p = float(noise.noise_power(tree, 0.0)["params"]["Dense_0"]["kernel"])
+    hat1 = den1(noisy, noise.noise_power(tree, 0.0), wnr_db=0.0)
+    np.testing.assert_allclose(np.asarray(hat1["params"]["Dense_0"]["kernel"]), (1 - p / w.var()) * w, rtol=1e-4)
+    _unselected_equal(hat1, tree)
+
+
+def test_learned_gradient_finite_and_training_lowers_objective(tiny_model):
+    cfg, variables, ds, _ = tiny_model
+    f = models.logits_fn(cfg)
+    loss = lambda p, b: models.loss_fn(f(p, b[0]), b[1])  # noqa: E731
+    den0 = denoise.init_learned(variables, wnr_range=(-6.0, 10.0))
+    batch = (jnp.asarray(ds.x_val), jnp.asarray(ds.y_val))
+    objective = jax.jit(jax.value_and_grad(lambda d: denoise.learned_objective(
+        d, variables, loss, batch, key=jax.random.key(11), n_draws=16, wnr_range=(-6.0, 10.0))))
+    before, grads = objective(den0)
+    flat = jax.tree_util.tree_leaves(grads)
+    assert flat and all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
+    assert sum(float(jnp.sum(jnp.abs(g))) for g in flat) > 0
+    den, hist = denoise.train_learned(den0, variables, loss, (ds.x_val, ds.y_val), key=jax.random.key(12),
+                                      steps=30, n_draws=4, batch_size=64, learning_rate=0.05)
+    assert len(hist["loss"]) == 30 and all(math.isfinite(v) for v in hist["loss"])
+    before, after = float(before), float(objective(den)[0])
+    assert after < before - 0.01 * before, (before, after)
+
+
+# ----------------------------------------------------------------------------------
+# sweeps: gains, sweeps, grids
+# ----------------------------------------------------------------------------------
+
+
+def test_gain_db_hand_computed():
+    # ML: 0.2 -> 0.8 over 0..10 dB reaches 0.6 at 6.667 dB; estimator 0.4 -> 0.9 reaches it at 4 dB
+    assert sweeps.gain_db([0, 10], [0.2, 0.8], [0.4, 0.9], 0.6) == pytest.approx(20 / 3 - 4.0, abs=1e-12)
+    # unsorted input, three points, crossing in the second interval; (W, R) arrays are averaged
+    w = [10.0, 0.0, 5.0]
+    ml = [0.9, 0.1, 0.5]  # reaches 0.8 at 5 + 5·(0.3/0.4) = 8.75
+    est = np.array([[0.95, 0.95], [0.3, 0.3], [0.7, 0.9]])  # means 0.95, 0.3, 0.8 -> reaches 0.8 at 5
+    assert sweeps.gain_db(w, ml, est, 0.8) == pytest.approx(3.75, abs=1e-12)
+    assert sweeps.wnr_at_accuracy(w, ml, 0.05) == -math.inf  # already above at the first point
+    assert math.isnan(sweeps.wnr_at_accuracy(w, ml, 0.99))
+    assert math.isnan(sweeps.gain_db(w, ml, est, 0.99))
+    table = sweeps.gains_table(w, {"ML": ml, "est": est}, [0.8], baseline="ML")
+    assert table["est"]["80%"]["gain_db"] == pytest.approx(3.75) and table["ML"]["80%"]["gain_db"] == 0.0
+
+
+def test_sweep_and_grid_share_realizations(tiny_model, tmp_path):
+    cfg, variables, ds, info = tiny_model
+    f = models.logits_fn(cfg)
+    wnr = [-2.0, 60.0]
+    key = jax.random.key(3)
+    ests = {"ML": denoise.ML(), "comp(1,0)": denoise.CompensatedMMSE(lam=1.0, beta=0.0), "MMSE": denoise.MMSE()}
+    res = sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, wnr, key=key, n_realizations=4, estimators=ests)
+    assert res["ML"].shape == (2, 4) and res["_seconds"] > 0
+    np.testing.assert_array_equal(res["ML"], res["comp(1,0)"])  # ML exactly
+    # 60 dB: the clean accuracy, up to one borderline test example
+    np.testing.assert_allclose(res["ML"][1], info["test_accuracy"], atol=1.5 / len(ds.y_test))
+    grid = denoise.compensated_grid([0.5, 1.0], [0.0])
+    acc = sweeps.grid_accuracies(f, variables, {"test": (ds.x_test, ds.y_test)}, wnr, grid, key=key, n_realizations=4)
+    assert acc["test"].shape == (2, 2, 4)
+    np.testing.assert_array_equal(acc["test"][:, 1, :], res["ML"])  # same keys -> same noisy weights
+    assert list(sweeps.select_grid(acc["test"])) in ([0, 0], [0, 1], [1, 0], [1, 1])
+    # per-WNR estimator lists are accepted without recompiling; wrong length is refused
+    per_wnr = {"ML": ests["ML"], "sel": [grid_point(grid, 1), grid_point(grid, 0)], "MMSE": ests["MMSE"]}
+    res2 = sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, wnr, key=key, n_realizations=4,
+                                 estimators=per_wnr)
+    np.testing.assert_array_equal(res2["sel"][0], res["ML"][0])  # (1, 0) at the first WNR: ML
+    np.testing.assert_array_equal(res2["ML"], res["ML"])
+    with pytest.raises(ValueError, match="WNR points"):
+        sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, wnr, key=key, n_realizations=2,
+                              estimators={"sel": [grid_point(grid, 1)]})
+    png = sweeps.plot_accuracy_curves(wnr, {k: res[k] for k in ests}, str(tmp_path / "c.png"), targets=[0.6])
+    assert os.path.getsize(png) > 1000
+
+
+def grid_point(grid, i):
+    return jax.tree_util.tree_map(lambda a: a[i], grid)
+
+
+# ----------------------------------------------------------------------------------
+# checkpoint: safe, atomic, corruption detected
+# ----------------------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_and_corruption(tmp_path):
+    tree = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "stats": {"n": np.int32(3)}}
+    path = checkpoint.save(tmp_path / "a.msgpack", tree, metadata={"x": 1})
+    back, meta = checkpoint.load(path)
+    np.testing.assert_array_equal(back["params"]["w"], tree["params"]["w"])
+    assert meta == {"x": 1} and int(back["stats"]["n"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["a.msgpack"]  # no temp file left behind
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0xFF
+    (tmp_path / "bad.msgpack").write_bytes(bytes(blob))
+    with pytest.raises(DataFormatError, match="checksum"):
+        checkpoint.load(tmp_path / "bad.msgpack")
+    (tmp_path / "short.msgpack").write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataFormatError, match="truncated"):
+        checkpoint.load(tmp_path / "short.msgpack")
+    (tmp_path / "junk.msgpack").write_bytes(b"\x80\x04pickle?")
+    with pytest.raises(DataFormatError, match="magic"):
+        checkpoint.load(tmp_path / "junk.msgpack")
+
+
+def test_cached_rebuilds_corrupted_entry(tmp_path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"w": np.full(3, float(len(calls)), np.float32)}, {"n": len(calls)}
+
+    cfg = {"kind": "demo", "width": 3}
+    t1, info1, s1 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
+    t2, info2, s2 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
+    assert (s1, s2) == ("built", "loaded") and len(calls) == 1 and info2 == {"n": 1}
+    np.testing.assert_array_equal(t2["w"], t1["w"])
+    path = tmp_path / f"demo-{checkpoint.config_hash(cfg)}.msgpack"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t3, info3, s3 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
+    assert s3 == "rebuilt" and len(calls) == 2 and info3 == {"n": 2}
+    assert any("rebuilding" in str(w.message) for w in caught)
+    assert checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")[2] == "loaded"
+
+
+def test_model_cache_reloads_same_variables(tiny_model):
+    cfg, variables, ds, info = tiny_model
+    assert info["cache"] == "built" and info["test_accuracy"] > 0.5  # the tiny model learned something
+    again, info2, _ = models.load_or_train(cfg, cache_dir=info["cache_dir"])
+    assert info2["cache"] == "loaded" and info2["test_accuracy"] == info["test_accuracy"]
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(InvalidArgumentError, match="ModelConfig.kind"):
+        models.ModelConfig(kind="transformer")
