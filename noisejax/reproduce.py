@@ -587,8 +587,11 @@ def _run_one(name: str, *, out: Path, config_name: str, force: bool, data_dir: O
             return dict(record, reused=True)
         if record_path.exists():
             _note(progress, f"{name}: stored result is missing, corrupted or stale; recomputing")
-    elif record_path.exists():
-        record_path.unlink()
+    else:  # --force: recompute everything, the experiment's finished points and cached models included
+        if record_path.exists():
+            record_path.unlink()
+        if (run_dir / "work").is_dir():
+            shutil.rmtree(safe_join(out, "runs", name, "work"))
     work = run_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -682,6 +685,9 @@ def _write_report(out: Path, summary: dict) -> None:
         status = rec["status"]
         if status == "ok":
             status = "reused" if rec.get("reused") else "ok"
+            resumed = (rec.get("result") or {}).get("points_reused") if isinstance(rec.get("result"), dict) else None
+            if isinstance(resumed, int) and resumed > 0:
+                status += f" (resumed {resumed} stored point{'s' if resumed > 1 else ''})"
             claims = rec.get("claims") or []
             held = sum(1 for c in claims if c["holds"] is True)
             ch = f"{held} / {len(claims)}" if claims else "no claims reported"
@@ -692,7 +698,8 @@ def _write_report(out: Path, summary: dict) -> None:
         lines.append(
             f"| `{name}` | {status} | {'' if wall is None else f'{wall:.1f}'} | {'' if cpu is None else f'{cpu:.1f}'} | {ch} |"
         )
-    lines += ["", "Times are those of the run that computed the result (a reused result keeps its original time).", ""]
+    lines += ["", "Times are those of the run that computed the result (a reused result keeps its original time; "
+              "a resumed one only counts the points computed in that run — `--force` recomputes everything).", ""]
     lines += ["## Claims", "", "| # | claim | paper's figure | our measured value | holds |", "|---:|---|---|---|---|"]
     k = 0
     for name, rec in exps.items():

@@ -160,9 +160,13 @@ def test_rerun_reuses_and_force_recomputes(fake, tmp_path):
     reproduce.run(out, config="tiny", root=root, progress=False)
     assert (out / "figures" / "symmetric_depth.png").read_bytes() == _PNG
     assert _count(counter, "symmetric_depth") == 1
-    # --force
+    # --force recomputes, and drops the experiment's stored points / models too
+    stale = out / "runs" / "symmetric_depth" / "work" / "points" / "old.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     s3 = reproduce.run(out, config="tiny", root=root, progress=False, force=True)
     assert _count(counter, "symmetric_depth") == 2 and s3["experiments"]["symmetric_depth"]["reused"] is False
+    assert not stale.exists()
     # another config is another result
     reproduce.run(out, config="default", root=root, progress=False, only="symmetric_depth")
     assert _count(counter, "symmetric_depth") == 3

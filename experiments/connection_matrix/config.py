@@ -18,7 +18,7 @@ class Config:
     n_hidden: int = 3  # hidden layers per network
     steps: int = 600  # Adam steps per network
     batch_size: int = 128
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     loss: str = "mse"
     noise_variance: float = 1e-3  # D at the source layer
     n_inputs: int = 1  # test inputs (additive noise reaching a layer does not depend on the input)
