@@ -22,9 +22,13 @@ features in one of three forms (the static field ``covariance``):
   correlated source of every noise site (``ξ_AC``, ``ξ_MC``), and — because a
   linear layer mixes neurons — one per neuron of the previous layer for the
   uncorrelated noise that passed through it (``W`` turns ``diag(d)`` into
-  ``(W·√d)ᵀ`` columns).  Exact at any depth in the linear regime
+  ``Wᵀ diag(√d)`` columns).  Exact at any depth in the linear regime
   (correlated noise from layer 1 arriving at layer 3 included); the number of
-  columns grows by the fan-in at each linear layer.
+  columns grows by the fan-in at each linear layer.  The block a Dense layer
+  creates is kept *lazy*, ``diag(l) Wᵀ diag(√d)`` with the shared ``W`` and two
+  per-example scales, until the next linear layer multiplies it out, so a
+  layer costs ``O(fan_in·fan_out)`` per example plus one shared-weight matrix
+  product per block.
 * ``"lowrank"`` — ``C = diag(d) + F Fᵀ`` with one column per *correlated* source
   only: a linear layer maps the independent part as ``d' = (W∘W)ᵀ d``
   (the paper's ``Σ_j W_ij² σ_j²``) and drops the cross-neuron covariance it
@@ -152,6 +156,8 @@ class LayerMoments:
       cov: ``(n, n)`` covariance of the flattened features (``covariance="full"``);
         ``None`` means zero.
       covariance: static; ``"factored"``, ``"lowrank"`` or ``"full"`` (see the module doc).
+      lazy: ``(l, A, r)``, more factor columns ``diag(l) A diag(r)`` kept unmultiplied
+        (``A`` is a layer's ``Wᵀ``, shared by the examples of a batch); ``None``: none.
 
     Derived: ``var`` (per-feature noise variance, the quantity Monte Carlo
     estimates), ``std``, ``snr`` (``mean²/var``), ``snr_db``, ``n_factors``.
@@ -162,6 +168,7 @@ class LayerMoments:
     factors: Optional[Array] = None
     cov: Optional[Array] = None
     covariance: str = struct.field(pytree_node=False, default="factored")
+    lazy: Optional[tuple] = None
 
     @property
     def var(self) -> Array:
@@ -173,6 +180,8 @@ class LayerMoments:
         v = jnp.zeros_like(self.mean) if self.diag is None else self.diag
         if self.factors is not None:
             v = v + jnp.sum(jnp.square(self.factors), axis=-1)
+        if self.lazy is not None:
+            v = v + _lazy_var(self.lazy).reshape(self.mean.shape)
         return v
 
     @property
@@ -190,7 +199,8 @@ class LayerMoments:
     @property
     def n_factors(self) -> int:
         """Number of low-rank columns ``K`` (0 without factors or in full mode)."""
-        return 0 if self.factors is None else int(self.factors.shape[-1])
+        k = 0 if self.factors is None else int(self.factors.shape[-1])
+        return k + (0 if self.lazy is None else int(self.lazy[2].shape[-1]))
 
     def covariance_matrix(self) -> Array:
         """Dense ``(n, n)`` covariance of the flattened features of ONE example (vmap for a batch)."""
@@ -200,14 +210,15 @@ class LayerMoments:
         c = jnp.zeros((n, n), self.mean.dtype)
         if self.diag is not None:
             c = c + jnp.diag(self.diag.reshape(n))
-        if self.factors is not None:
-            f = self.factors.reshape(n, -1)
+        factors = _materialize(self).factors
+        if factors is not None:
+            f = factors.reshape(n, -1)
             c = c + f @ f.T
         return c
 
     def compact(self) -> "LayerMoments":
         """Same ``mean``/``var``, covariance structure dropped (``diag = var``; for small outputs)."""
-        return LayerMoments(self.mean, self.var, None, None, "lowrank")
+        return LayerMoments(self.mean, self.var, None, None, "lowrank", None)
 
 
 @struct.dataclass
@@ -256,6 +267,24 @@ def _add(a: Optional[Array], b: Optional[Array]) -> Optional[Array]:
     return a + b
 
 
+def _lazy_var(lazy: tuple) -> Array:
+    """Row sums of squares of ``diag(l) A diag(r)``: ``l² ∘ (A∘A)(r²)``."""
+    left, a, right = lazy
+    return jnp.square(left) * jnp.einsum("...nm,...m->...n", jnp.square(a), jnp.square(right))
+
+
+def _lazy_columns(lazy: tuple) -> Array:
+    left, a, right = lazy
+    return left[..., :, None] * a * right[..., None, :]
+
+
+def _materialize(state: "LayerMoments") -> "LayerMoments":
+    """Multiply the lazy block out into explicit factor columns (features must be a vector)."""
+    if state.lazy is None:
+        return state
+    return state.replace(factors=_cat(state.factors, _lazy_columns(state.lazy)), lazy=None)
+
+
 def _unwrap(leaf: Any, default: Any) -> tuple[Array, Optional[Array]]:
     if isinstance(leaf, NoisyParam):
         return leaf.value, leaf.noise_var
@@ -299,6 +328,7 @@ def _linear_rule(
     ``weight_term`` the diagonal variance added by weight noise.
     """
     mode = state.covariance
+    state = _materialize(state)
     mean = lin(state.mean)
     if bias is not None:
         mean = mean + bias
@@ -349,6 +379,18 @@ def dense_rule(*, use_bias: bool = True) -> Callable[..., LayerMoments]:
             term = ey2 @ jnp.broadcast_to(jnp.asarray(w_var, m.dtype), W.shape)
         if b_var is not None and b is not None:
             term = _add(term, jnp.broadcast_to(jnp.asarray(b_var, m.dtype), (W.shape[1],)))
+        if state.covariance == "factored":
+            # F' = Wᵀ F;  the lazy block diag(l) A diag(r) becomes explicit columns ((W∘l)ᵀ A) diag(r)
+            # (one matrix product with the shared A); diag(d) becomes the new lazy block diag(1) Wᵀ diag(√d)
+            mean = m @ W if b is None else m @ W + b
+            factors = None if state.factors is None else jnp.einsum("ik,io->ok", state.factors, W)
+            if state.lazy is not None:
+                left, a, right = state.lazy
+                factors = _cat(factors, ((W * left[:, None]).T @ a) * right[None, :])
+            lazy = None
+            if state.diag is not None:
+                lazy = (jnp.ones((W.shape[1],), m.dtype), W.T, _safe_sqrt(state.diag))
+            return _add_to_diagonal(LayerMoments(mean, None, factors, None, "factored", lazy), term)
         return _linear_rule(
             state,
             lin=lambda y: y @ W,
@@ -411,6 +453,7 @@ def flatten_rule() -> Callable[..., LayerMoments]:
 
     def moments(params, state, *, noise=None, **options):
         _check_state(state, "Flatten moments")
+        state = _materialize(state)
         n = state.mean.size
         return state.replace(
             mean=state.mean.reshape(n),
@@ -449,8 +492,9 @@ def _quadrature_stats(fn, mu, v, n):
     """``E f``, ``Var f`` (two-pass, centred) and ``E f'`` by n-point Gauss–Hermite.
 
     The gain uses Stein's identity ``E f'(x) = E[(x − μ)(f(x) − f(μ))]/v`` — no
-    derivative, so kinks (steps in ``f'``) cost no accuracy — and falls back to the
-    quadrature of ``f'`` where ``σ`` is too small for the division to be accurate.
+    derivative, so kinks (steps in ``f'``) cost no accuracy — and falls back to
+    ``f'(μ)`` (error of order ``f'''(μ) v``) where ``σ < 10⁻³ (1 + |μ|)`` is too small
+    for the division to be accurate.
     """
     z, w = _hermite(int(n))
     z = jnp.asarray(z, mu.dtype)
@@ -461,8 +505,9 @@ def _quadrature_stats(fn, mu, v, n):
     ef = fx @ w
     vf = jnp.square(fx - ef[..., None]) @ w
     wide = sd > 1e-3 * (1.0 + jnp.abs(mu))
-    stein = ((fx - fn(mu)[..., None]) * z) @ w / jnp.where(wide, sd, 1.0)
-    g = jnp.where(wide, stein, _derivative(fn, x) @ w)
+    f_mu, df_mu = jax.jvp(fn, (mu,), (jnp.ones_like(mu),))
+    stein = ((fx - f_mu[..., None]) * z) @ w / jnp.where(wide, sd, 1.0)
+    g = jnp.where(wide, stein, df_mu)  # narrow: E f' = f'(mu) + O(f'''(mu) v)
     return ef, vf, g
 
 
@@ -579,14 +624,17 @@ def activation_rule(
                 cov = cov - jnp.diag(jnp.diagonal(cov)) + jnp.diag(vf.reshape(-1))
             return state.replace(mean=ef, cov=cov)
         factors = None if state.factors is None else state.factors * g[..., None]
+        lazy = None if state.lazy is None else (state.lazy[0] * g.reshape(state.lazy[0].shape),) + tuple(state.lazy[1:])
         if linear_map:  # exact scaling, no subtraction: d' = g² d
             diag = None if state.diag is None else jnp.square(g) * state.diag
-        elif state.diag is None and factors is None:
+        elif state.diag is None and factors is None and lazy is None:
             diag = None
         else:
             corr = 0.0 if factors is None else jnp.sum(jnp.square(factors), axis=-1)
+            if lazy is not None:
+                corr = corr + _lazy_var(lazy).reshape(mu.shape)
             diag = jnp.maximum(vf - corr, 0.0)
-        return state.replace(mean=ef, diag=diag, factors=factors)
+        return state.replace(mean=ef, diag=diag, factors=factors, lazy=lazy)
 
     return moments
 
@@ -652,14 +700,19 @@ def neuron_noise_rule() -> Callable[..., LayerMoments]:
                 new = new + a[:, None] * a[None, :] * same
             return state.replace(cov=new)
 
-        diag, factors = state.diag, state.factors
+        merge = d_mc is not None and jnp.ndim(noise.mul_correlated) == 0 and n_groups == 1
+        if d_mc is not None and not merge:
+            state = _materialize(state)
+        diag, factors, lazy = state.diag, state.factors, state.lazy
         new_diag, new_factors = diag, factors
         if d_mc is not None:
             s = _safe_sqrt(d_mc)
             if diag is not None:
                 new_diag = diag * (1.0 + d_mc)
+            if merge and lazy is not None:
+                lazy = (lazy[0] * jnp.sqrt(1.0 + jnp.asarray(noise.mul_correlated, dtype)),) + tuple(lazy[1:])
             if factors is not None:
-                if jnp.ndim(noise.mul_correlated) == 0 and n_groups == 1:
+                if merge:
                     new_factors = factors * jnp.sqrt(1.0 + jnp.asarray(noise.mul_correlated, dtype))
                 else:  # F Fᵀ ∘ (s sᵀ ∘ Δ) = Σ_γ Σ_r (s∘1_γ∘F_r)(s∘1_γ∘F_r)ᵀ
                     load = (s[..., None] * ind)[..., :, None] * factors[..., None, :]
@@ -671,7 +724,7 @@ def neuron_noise_rule() -> Callable[..., LayerMoments]:
             new_diag = _add(new_diag, d_au)
         if d_ac is not None:
             new_factors = _cat(new_factors, _safe_sqrt(d_ac)[..., None] * ind)
-        return state.replace(diag=new_diag, factors=new_factors)
+        return state.replace(diag=new_diag, factors=new_factors, lazy=lazy)
 
     return moments
 
@@ -798,7 +851,7 @@ def predict(
     weight_noise_var: Any = None,
     quad_nodes: int = _DEFAULT_QUAD,
     batched: Optional[bool] = None,
-    keep_covariance: bool = True,
+    keep_covariance: bool = False,
 ) -> tuple[LayerMoments, ...]:
     """Analytic per-layer mean and noise variance of ``net`` for one input or a batch.
 
@@ -817,7 +870,10 @@ def predict(
         or a pytree like ``params`` with a variance or ``None`` per leaf (e.g.
         ``noise.noise_power(params, wnr_db)``).
       quad_nodes: Gauss–Hermite points for activations without a closed form.
-      keep_covariance: ``False`` returns only mean/var (``diag = var``) per layer.
+      batched: whether ``x`` is a batch (default: inferred, see ``x``).
+      keep_covariance: also return each layer's covariance structure (``factors``,
+        ``lazy`` or ``cov``, per example); by default only ``mean`` and ``var``
+        (``diag = var``), which is all a batch needs and much smaller.
 
     Returns:
       A tuple with one :class:`LayerMoments` per top-level child of ``net``;

@@ -176,13 +176,15 @@ def test_trained_network_meanfield_tracks_propagation(trained):
     """
     net, params, xs = trained
     stats = jax.vmap(lambda x: meanfield.layer_statistics(net, params, x))(xs)
-    for nz in (NZ, noise.NeuronNoise(add_uncorrelated=1e-3), noise.NeuronNoise(add_correlated=1e-3), noise.NeuronNoise(mul_correlated=1e-3)):
+    # every case with the same four fields (zeros where absent): one compiled propagation for all
+    one = lambda **kw: noise.NeuronNoise(**{k: kw.get(k, 0.0) for k in ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated")})  # noqa: E731
+    for nz in (NZ, one(add_uncorrelated=1e-3), one(add_correlated=1e-3), one(mul_correlated=1e-3)):
         exact = moments.predict(net, params, xs, noise=nz, method="linearized")
         ex = np.array([np.asarray(m.var).mean() for m in exact])
         ratio = np.asarray(jax.vmap(lambda st: meanfield.recursion(st, nz).var)(stats)).mean(0) / ex
         np.testing.assert_allclose(ratio[:2], 1.0, rtol=0.05)
         assert 1 / 1.7 < ratio[2] < 1.7, ratio
-    nz = noise.NeuronNoise(add_correlated=1e-3)
+    nz = one(add_correlated=1e-3)
     exact = moments.predict(net, params, xs, noise=nz, method="linearized")[-1].var.mean()
     pure = np.asarray(jax.vmap(lambda st: meanfield.recursion(st, nz, row_sums=False).var)(stats)).mean(0)[-1]
     assert pure / exact < 1 / 3

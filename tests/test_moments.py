@@ -353,9 +353,8 @@ def analytic(setup):
     def run(rparams, dparams, cparams, x_rand, x_dig, x_conv):
         out = {}
         for name in ACTS:
-            for method in moments.METHODS if not name.startswith("linear") else ("gaussian",):
+            for method in moments.METHODS if name in ("tanh", "erf", "relu") else ("gaussian",):
                 out["random", name, method] = cases(nets[name], rparams, x_rand, ALL, S["wvar_rand"], method=method)
-        out["random", "linear:0.9", "lowrank"] = cases(nets["linear:0.9"], rparams, x_rand, ALL, S["wvar_rand"], covariance="lowrank")
         out["digits", "gaussian"] = jax.vmap(lambda x: cases(S["dnet"], dparams, x, DIGITS, S["wvar_dig"]), out_axes=1)(x_dig)
         for act in ("linear", "tanh"):
             out["conv", act, "gaussian"] = compact(moments.propagate(cnets[act], cparams, x_conv, noise=_conv_noise(S)))
@@ -457,17 +456,27 @@ def test_gaussian_activation_moments_match_numpy_integration(name):
 def test_closed_forms_agree_with_quadrature_and_are_stable_at_zero_variance():
     mu = jnp.linspace(-2, 2, 9)
     v = jnp.full_like(mu, 0.3)
-    for name in ("relu", "erf"):
-        fn = layers.activation(name).spec["fn"]
-        closed = moments.activation_moments(fn, mu, v, kind=name)
-        quad = moments.activation_moments(fn, mu, v, quad_nodes=96)
+
+    @jax.jit
+    def run(mu, v):
+        out = {}
+        for name in ("relu", "erf"):
+            fn = layers.activation(name).spec["fn"]
+            out[name] = (
+                moments.activation_moments(fn, mu, v, kind=name),
+                moments.activation_moments(fn, mu, v, quad_nodes=96),
+                moments.activation_moments(fn, mu, jnp.zeros_like(mu), kind=name),
+                jax.grad(lambda vv: moments.activation_moments(fn, mu, vv, kind=name)[1].sum())(jnp.zeros_like(mu)),  # noqa: B023
+            )
+        return out
+
+    for name, (closed, quad, at_zero, grad) in run(mu, v).items():
         for a, b in zip(closed, quad):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-3, atol=3e-4)
         # zero variance: reduces to f(mu), 0, f'(mu) with finite gradients
-        ef, vf, g = moments.activation_moments(fn, mu, jnp.zeros_like(mu), kind=name)
-        np.testing.assert_allclose(np.asarray(ef), np.asarray(fn(mu)), atol=1e-6)
-        np.testing.assert_allclose(np.asarray(vf), 0.0, atol=1e-12)
-        grad = jax.grad(lambda vv: moments.activation_moments(fn, mu, vv, kind=name)[1].sum())(jnp.zeros_like(mu))
+        fn = layers.activation(name).spec["fn"]
+        np.testing.assert_allclose(np.asarray(at_zero[0]), np.asarray(fn(mu)), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(at_zero[1]), 0.0, atol=1e-12)
         assert np.all(np.isfinite(np.asarray(grad)))
     # erf at mu = 0 is Williams' (2/pi) arcsin(2v/(1+2v))
     vv = jnp.array([0.01, 0.5, 3.0])
@@ -563,7 +572,7 @@ def test_linear_network_matches_numpy_covariance_propagation():
         return {c: moments.propagate(net, p, x, noise=nz, covariance=c) for c in moments.COVARIANCES}
 
     got = all_forms(params, x)
-    got["predict"] = moments.predict(net, params, x, noise=nz, weight_noise_var=wvar)  # the public path (factored)
+    got["predict"] = moments.predict(net, params, x, noise=nz, weight_noise_var=wvar, keep_covariance=True)  # public path
     for form, res in got.items():
         for l, ((m, C), g) in enumerate(zip(ref, res)):
             np.testing.assert_allclose(np.asarray(g.mean), m, rtol=1e-5, atol=1e-6)
@@ -582,23 +591,44 @@ def test_lowrank_drops_cross_covariance_after_two_linear_layers():
     Ws = [rng.normal(size=(6, 6)) / np.sqrt(6) + 0.3 for _ in range(3)]  # non-zero mean weights
     net, params = layers.from_weights([jnp.asarray(W, jnp.float32) for W in Ws], [None] * 3, "linear")
     nz = [noise.NeuronNoise(add_uncorrelated=0.01), None, None]
-    exact, low = jax.jit(lambda p, x: [moments.propagate(net, p, x, noise=nz, covariance=c) for c in ("factored", "lowrank")])(params, jnp.ones(6))
+    corr = [noise.NeuronNoise(add_correlated=0.01, mul_correlated=0.02), None, None]
+    exact, low, corr_exact, corr_low = jax.jit(
+        lambda p, x: [moments.propagate(net, p, x, noise=n, covariance=c) for n in (nz, corr) for c in ("factored", "lowrank")]
+    )(params, jnp.ones(6))
     ref = _numpy_linear_network(Ws, [np.zeros(6)] * 3, 1.0, np.ones(6), [dict(add_uncorrelated=0.01), {}, {}])
     np.testing.assert_allclose(np.asarray(exact[2].var), np.diag(ref[2][1]), rtol=2e-5)
     np.testing.assert_allclose(np.asarray(low[1].var), np.diag(ref[1][1]), rtol=2e-5)  # one layer: exact
     assert np.max(_rel(np.asarray(low[2].var), np.diag(ref[2][1]))) > 0.2  # two layers: cross terms missing
+    # purely correlated sources (one rank each) propagate exactly in the lowrank form at any depth
+    np.testing.assert_allclose(np.asarray(corr_low[2].var), np.asarray(corr_exact[2].var), rtol=1e-5)
 
 
 def test_factored_and_full_covariance_agree_through_nonlinearities():
-    """Same mathematics in two representations (quadrature and closed-form activations)."""
-    acts = ("sigmoid", "relu", "erf")
+    """Same mathematics in two representations (the algebra is the same for every activation)."""
+    acts = ("relu",)
     nets = {a: layers.mlp([6, 9, 7, 3], a) for a in acts}
     rng = np.random.default_rng(4)
     params = _dense_params([rng.normal(size=(i, o)) / np.sqrt(i) for i, o in ((6, 9), (9, 7), (7, 3))], [0.3 * rng.normal(size=o) for o in (9, 7, 3)])
     x = jnp.asarray(rng.normal(size=6), jnp.float32)
     nz = noise.NeuronNoise(**_MIX)
     res = jax.jit(lambda p, x: {(a, c): moments.propagate(nets[a], p, x, noise=nz, covariance=c) for a in acts for c in ("factored", "full")})(params, x)
-    for a in acts:
+    # per-neuron correlated multiplicative intensities and a Flatten between Dense layers make the lazy
+    # block of the factored form materialize inside a noise site and a reshape
+    odd = layers.serial(
+        layers.serial(layers.Dense(9), layers.Tanh(), layers.NeuronNoise()),
+        layers.serial(layers.Flatten(), layers.Dense(7), layers.Erf(), layers.NeuronNoise()),
+        layers.serial(layers.Dense(3), layers.Sigmoid(), layers.NeuronNoise()),
+    )
+    odd_params = ((params[0][0], (), ()), ((), params[1][0], (), ()), (params[2][0], (), ()))
+    odd_noise = [
+        noise.NeuronNoise(add_uncorrelated=1e-2, mul_correlated=jnp.linspace(0.0, 0.05, 9)),
+        noise.NeuronNoise(add_correlated=1e-2, mul_uncorrelated=2e-2, mul_correlated=jnp.linspace(0.05, 0.0, 7)),
+        noise.NeuronNoise(**_MIX),
+    ]
+    res.update(
+        jax.jit(lambda p, x: {("odd", c): moments.propagate(odd, p, x, noise=odd_noise, covariance=c) for c in ("factored", "full")})(odd_params, x)
+    )
+    for a in acts + ("odd",):
         for la, lb in zip(res[a, "factored"], res[a, "full"]):
             np.testing.assert_allclose(np.asarray(la.mean), np.asarray(lb.mean), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(np.asarray(la.var), np.asarray(lb.var), rtol=1e-4, atol=1e-8)
@@ -662,11 +692,6 @@ def test_correlated_noise_from_layer_one_reaches_layer_three(mc, analytic):
                 assert e["lay"] <= 0.02 and np.all(e["rel"] <= e["res"] + 1e-5), (case, e["lay"])
             else:
                 _check_gaussian(e, (case, act), per_neuron=act != "relu")
-    # purely correlated sources: the cheap lowrank form is exact too
-    c = ALL.index("AC@1")
-    np.testing.assert_allclose(
-        analytic["random", "linear:0.9", "lowrank"][2][1][c], analytic["random", "linear:0.9", "gaussian"][2][1][c], rtol=1e-4
-    )
 
 
 def test_weight_noise_matches_monte_carlo(mc_numpy, analytic):
@@ -743,14 +768,15 @@ def test_batch_equals_single_and_compiles_once():
         for lb, ls in zip(batch, single):
             np.testing.assert_allclose(np.asarray(lb.var[b]), np.asarray(ls.var), rtol=1e-5)
             assert ls.var.shape == (lb.var.shape[-1],)
-    fn = moments._compiled(net, method="gaussian", covariance="factored", quad_nodes=moments._DEFAULT_QUAD, batched=True, keep_covariance=True)
+    fn = moments._compiled(net, method="gaussian", covariance="factored", quad_nodes=moments._DEFAULT_QUAD, batched=True, keep_covariance=False)
     n_before = fn._cache_size()
     assert n_before >= 1  # the batched call above went through this cached function
     moments.predict(net, params, X * 2, noise=noise.NeuronNoise(add_uncorrelated=3e-2, mul_correlated=1e-3))
     assert fn._cache_size() == n_before  # new values, same shapes: no retrace
-    compact = moments.predict(net, params, X, noise=nz, keep_covariance=False)
-    np.testing.assert_allclose(np.asarray(compact[-1].var), np.asarray(batch[-1].var), rtol=1e-6)
-    assert compact[-1].factors is None
+    assert batch[-1].factors is None and batch[-1].lazy is None  # by default only mean and var come back
+    full = moments.predict(net, params, X, noise=nz, keep_covariance=True)
+    np.testing.assert_allclose(np.asarray(full[-1].var), np.asarray(batch[-1].var), rtol=1e-5)
+    assert full[-1].n_factors > 0
 
 
 def test_gradients_match_finite_differences_in_float64():
