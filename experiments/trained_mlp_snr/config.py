@@ -28,7 +28,7 @@ class Config:
     seed: int = 0
 
 
-tiny = Config(hidden=(16, 16), steps=300, learning_rate=1e-2, n_inputs=8, realizations=256, intensities=(1e-3, 1e-1), acc_realizations=4)
+tiny = Config(hidden=(16,), steps=300, learning_rate=1e-2, n_inputs=8, realizations=256, intensities=(1e-3, 1e-1), acc_realizations=4)
 default = Config()
 full = Config(hidden=(256, 256, 256, 256), steps=20_000, n_inputs=256, realizations=100_000,
               intensities=tuple(10.0 ** (k / 4) for k in range(-20, 1)), acc_realizations=256, max_train=60_000,
