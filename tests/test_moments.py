@@ -141,9 +141,11 @@ def _np_conv_same(y, W):
     return out
 
 
-def _numpy_mc(blocks, x, n, seed, chunk=2048):
+def _numpy_mc(blocks, x, n, seed, chunk=2048, batch=False):
     """Monte Carlo in NumPy (float64).  ``blocks``: dicts with kind ('dense'|'conv'), W, b, act (name),
     noise (dict of variances), corr_axes, wvar ((σ²_W, σ²_b) weights redrawn per realization, or None).
+    ``batch=True``: ``x`` is ``(B, fan_in)`` for a dense network, each realization's weights shared by the B
+    inputs (neuron noise independent per input).
 
     Returns per block ``dict(mean, var, se)`` (``se``: standard error of ``var``, from ``Var[(y - clean)²]``).
     """
@@ -156,16 +158,17 @@ def _numpy_mc(blocks, x, n, seed, chunk=2048):
             if blk["kind"] == "conv":
                 pre = _np_conv_same(y, W) + b
             else:
-                y = y.reshape(y.shape[0], -1)
+                y = y.reshape(y.shape[: 2 if batch else 1] + (-1,))
                 if noisy and blk.get("wvar") is not None:
                     sw, sb = np.sqrt(blk["wvar"])
                     Wn = W + sw * rng.standard_normal((y.shape[0],) + W.shape)
-                    pre = np.einsum("ni,nio->no", y, Wn) + b + sb * rng.standard_normal((y.shape[0], W.shape[1]))
+                    pre = np.einsum("n...i,nio->n...o", y, Wn) + b + sb * rng.standard_normal(y.shape[:-1] + (W.shape[1],))
                 else:
                     pre = y @ W + b
             y = _NP_ACT[blk["act"]](pre)
             if noisy and blk.get("noise"):
-                y = _np_site(y, blk["noise"], rng, blk.get("corr_axes"))
+                shape = y.shape
+                y = _np_site(y.reshape((-1,) + shape[2 if batch else 1 :]), blk["noise"], rng, blk.get("corr_axes")).reshape(shape)
             outs.append(y)
         return outs
 
@@ -313,9 +316,10 @@ def mc_numpy(setup):
         out["random+weights", act] = _numpy_mc(blocks, S["x_rand"], N_NP, seed=1)
     dW = [np.asarray(b[0]["W"]) for b in S["dparams"]]
     db = [np.asarray(b[0]["b"]) for b in S["dparams"]]
+    blocks = [dict(kind="dense", W=W, b=b, act=a, noise=_MIX, wvar=(S["wvar_dig"],) * 2) for W, b, a in zip(dW, db, ("sigmoid", "sigmoid", "linear"))]
+    both = _numpy_mc(blocks, S["x_dig"], N_NP, seed=2, chunk=1024, batch=True)
     for i in range(2):
-        blocks = [dict(kind="dense", W=W, b=b, act=a, noise=_MIX, wvar=(S["wvar_dig"],) * 2) for W, b, a in zip(dW, db, ("sigmoid", "sigmoid", "linear"))]
-        out["digits+weights", i] = _numpy_mc(blocks, S["x_dig"][i], N_NP, seed=2 + i)
+        out["digits+weights", i] = [{k: v[i] for k, v in layer.items()} for layer in both]
     x_conv = S["x_conv"]
     for act in ("linear", "tanh"):
         blocks = [
