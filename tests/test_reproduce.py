@@ -349,7 +349,7 @@ reproduce.run(sys.argv[1], config="tiny", root=sys.argv[2], progress=False, only
 """
 
 
-def test_killed_run_resumes_identically(tmp_path):
+def test_killed_run_resumes_identically(tmp_path, monkeypatch):
     """SIGKILL at random moments, restart: same results as an uninterrupted run, no point computed twice."""
     root = tmp_path / "experiments"
     cfg = 'CONFIGS = {"tiny": {"n": 8}, "default": {"n": 8}, "full": {"n": 8}}\n'
@@ -382,9 +382,9 @@ def test_killed_run_resumes_identically(tmp_path):
     assert sorted(set(computed)) == list(range(8))
     assert len(computed) <= 8 + kills
     (tmp_path / "sweep_points").unlink()
-    ref = tmp_path / "reference"
-    subprocess.run([sys.executable, str(driver), str(ref), str(root)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = tmp_path / "reference"  # an uninterrupted run (in-process: the fake experiment does no JAX work)
+    monkeypatch.setenv("NOISEJAX_TEST_COUNTER", str(tmp_path))
+    reproduce.run(ref, config="tiny", root=root, progress=False, only="symmetric_depth")
     a = reproduce.read_checked_json(out / "runs" / "symmetric_depth" / "record.json")
     b = reproduce.read_checked_json(ref / "runs" / "symmetric_depth" / "record.json")
     assert a["result"] == b["result"] and a["claims"] == b["claims"]
