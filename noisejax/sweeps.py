@@ -46,6 +46,7 @@ __all__ = [
     "gain_db",
     "gains_table",
     "plot_accuracy_curves",
+    "gain_claims",
 ]
 
 PyTree = Any
@@ -328,3 +329,29 @@ def plot_accuracy_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def gain_claims(summary: dict, thresholds: dict, *, figure: str, target: str = "60") -> list:
+    """Claims for the reproduce report from ``summary[model][estimator][target] = gain_db``.
+
+    ``thresholds`` maps a lower-case substring of an estimator name to the gain in dB it must
+    reach (e.g. ``{"compensated": 1.0, "learned": 4.1}``); estimators matching none are listed
+    with ``holds=None`` (reported, no claim).
+    """
+    claims = []
+    for model, per_est in summary.items():
+        for est, gains in per_est.items():
+            key = next((k for k in gains if str(k).rstrip("%") == str(target).rstrip("%")), None)
+            if key is None:
+                key = next(iter(gains), None)
+            gain = None if key is None else gains[key]
+            need = next((v for k, v in thresholds.items() if k in est.lower()), None)
+            claims.append({
+                "claim": f"{model}: {est} gains >= {need} dB over ML at {key} accuracy" if need is not None
+                         else f"{model}: {est} gain over ML at {key} accuracy",
+                "figure": figure,
+                "measured": "not reached" if gain is None else f"{gain:.2f} dB",
+                "holds": None if need is None else (gain is not None and gain >= need),
+                "note": "",
+            })
+    return claims

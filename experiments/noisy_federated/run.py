@@ -115,6 +115,7 @@ def main(config=None) -> dict:
         name: {est: {t: g[t]["gain_db"] for t in g} for est, g in res["gains"].items() if est != "ML"}
         for name, res in results["models"].items()
     }
+    results["claims"] = sweeps.gain_claims(results["summary"], {"compensated": 8.0, "learned": 8.0}, figure="Shao et al. TSP 2023, noisy federated training")
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
     return results
