@@ -32,6 +32,17 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   beyond; ``σ·c_g`` is a compensation shift like the compensated estimator's ``ρ``.
   All coefficients zero is ML, which is where training starts by default.
 
+  Optionally (``init_learned(..., projection=True)``) each weight matrix, viewed as
+  ``(fan_in, C)``, is first corrected along a learned per-layer direction ``u``::
+
+      w̃_j ← w̃_j − (u·w̃_j − t_j)·u/‖u‖²,     t_j = u·w_j  (clean; one number per output channel)
+
+  which removes the noise's *common-mode* component ``u·n_j`` — for non-negative
+  inputs (pixels, sigmoid/ReLU activations) ``u`` ≈ the mean input, and ``u·n_j`` is
+  the per-neuron offset the noise adds to the mean pre-activation.  The targets
+  ``t_j`` are side information (``C`` numbers per layer, like a bias), set from the
+  clean weights by :func:`retarget`.
+
 Frozen dataclass pytrees wrap them with a common call ``est(noisy, noise_power,
 wnr_db=...)``; :func:`estimator` looks one up by name.
 
@@ -74,6 +85,7 @@ __all__ = [
     "compensated_grid",
     "LearnedDenoiser",
     "init_learned",
+    "retarget",
     "learned_objective",
     "train_learned",
     "ESTIMATORS",
@@ -360,7 +372,8 @@ class LearnedDenoiser:
 
     Attributes:
       coef: tuple with one entry per parameter leaf: ``None`` (not denoised) or a dict
-        ``{"mmse_exponent": (G, 2), "log_scale": (G, 4), "shift": (G, 4)}`` (``G`` groups).
+        ``{"mmse_exponent": (G, 2), "log_scale": (G, 4), "shift": (G, 4)}`` (``G`` groups),
+        plus ``"direction": (F,)`` and ``"target": (C,)`` for the optional projection.
       wnr_center, wnr_half_width: static normalization ``τ = (WNR − center)/half_width``.
       per_channel, leaf_filter: static grouping and leaf choice.
       bound: static soft bound ``B`` (tanh) on ``log a`` and ``c``: ``log a = B·tanh(A·φ/B)``,
@@ -402,6 +415,8 @@ class LearnedDenoiser:
             c = self.coef[k]
             if c is None:
                 return w
+            if "direction" in c:
+                w = _project(w, c["direction"], c["target"])
             m, v = group_stats(w, per_channel=self.per_channel)
             nu = jnp.clip(_safe_div(p, v), 0.0, 1.0)  # fraction of noise in the observed variance
             phi = self.features(wnr_db, nu.reshape(-1))  # (G, 4)
@@ -419,6 +434,35 @@ class LearnedDenoiser:
         return _map_groups(fn, noisy, noise_power, self.leaf_filter, None)
 
 
+def _project(w: Array, u: Array, target: Array) -> Array:
+    """Set each output channel's component along ``u`` to ``target``: ``w_j ← w_j − (w_jᵀu − t_j)·u/‖u‖²``.
+
+    ``w`` is viewed as ``(F, C)`` (fan-in × output channels, flax layout), ``u`` is ``(F,)``
+    and ``target`` ``(C,)``.
+    """
+    shape = w.shape
+    w2 = w.reshape(-1, shape[-1])
+    uu = u / jnp.maximum(jnp.sum(u * u), 1e-30)
+    w2 = w2 - uu[:, None] * (u @ w2 - target)[None, :]
+    return w2.reshape(shape)
+
+
+def retarget(denoiser: "LearnedDenoiser", clean: PyTree) -> "LearnedDenoiser":
+    """Set every projection target to the clean weights' component along its direction.
+
+    ``target_j = u·w_j`` (clean ``w``); used during training (so the projection is exact
+    along ``u`` whatever ``u`` has become) and to store the side information.
+    """
+    leaves = jax.tree_util.tree_leaves(clean)
+    coef = []
+    for c, leaf in zip(denoiser.coef, leaves):
+        if c is not None and "direction" in c:
+            w2 = jnp.asarray(leaf).reshape(-1, leaf.shape[-1]).astype(c["direction"].dtype)
+            c = dict(c, target=c["direction"] @ jax.lax.stop_gradient(w2))
+        coef.append(c)
+    return denoiser.replace(coef=tuple(coef))
+
+
 def _n_groups(leaf: Any, per_channel: bool) -> int:
     return int(leaf.shape[-1]) if (per_channel and leaf.ndim >= 2) else 1
 
@@ -430,11 +474,15 @@ def init_learned(
     per_channel: bool = False,
     leaf_filter: LeafFilter = _noise.default_leaf_filter,
     mmse_exponent: float = 0.0,
+    projection: bool = False,
 ) -> LearnedDenoiser:
     """A :class:`LearnedDenoiser` for trees shaped like ``params``.
 
     All coefficients start at zero (ML) except the constant MMSE exponent
-    ``s_g0 = mmse_exponent`` (``1.0`` starts at the no-side-information MMSE).
+    ``s_g0 = mmse_exponent`` (``1.0`` starts at the no-side-information MMSE).  With
+    ``projection=True`` leaves with two or more dimensions also get a common-mode
+    projection (direction ``u = 1/√F``, targets ``u·w_j`` from ``params``, which must
+    then be the *clean* parameters).
     """
     lo, hi = (float(x) for x in wnr_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
@@ -445,7 +493,13 @@ def init_learned(
             g = _n_groups(leaf, per_channel)
             zeros = jnp.zeros((g, _N_FEATURES), jnp.result_type(float))
             expo = jnp.zeros((g, 2), zeros.dtype).at[:, 0].set(mmse_exponent)
-            coef.append({"mmse_exponent": expo, "log_scale": zeros, "shift": zeros})
+            entry = {"mmse_exponent": expo, "log_scale": zeros, "shift": zeros}
+            if projection and leaf.ndim >= 2:
+                w2 = jnp.asarray(leaf, zeros.dtype).reshape(-1, leaf.shape[-1])
+                u = jnp.full((w2.shape[0],), 1.0 / math.sqrt(w2.shape[0]), zeros.dtype)
+                entry["direction"] = u
+                entry["target"] = u @ w2  # the clean weights' component along u (side information)
+            coef.append(entry)
         else:
             coef.append(None)
     return LearnedDenoiser(tuple(coef), (lo + hi) / 2, (hi - lo) / 2, per_channel, leaf_filter)
@@ -481,6 +535,7 @@ def learned_objective(
         )
         return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
 
+    denoiser = retarget(denoiser, clean)  # projection targets follow their directions
     return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
 
 
@@ -548,7 +603,7 @@ def train_learned(
         denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s))
         losses.append(value)
     losses = [float(v) for v in jax.device_get(losses)]
-    return denoiser, {"loss": losses, "seconds": time.perf_counter() - t0}
+    return retarget(denoiser, clean), {"loss": losses, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------

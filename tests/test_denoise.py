@@ -224,11 +224,29 @@ def test_learned_starts_at_ml_and_leaves_norm_params(tree):
     _unselected_equal(hat1, tree)
 
 
+def test_projection_restores_the_common_mode_exactly(tree):
+    den = denoise.retarget(denoise.init_learned(tree, projection=True), tree)
+    coef = den.coef[jax.tree_util.tree_leaves(tree).index(tree["params"]["Dense_0"]["kernel"])]
+    assert coef["direction"].shape == (400,) and coef["target"].shape == (100,)
+    assert all(c is None or "direction" not in c or c["direction"].ndim == 1 for c in den.coef)
+    noisy = noise.add_weight_noise(tree, -5.0, key=jax.random.key(8))
+    hat = den(noisy, noise.noise_power(tree, -5.0), wnr_db=-5.0)
+    u = np.asarray(coef["direction"], np.float64)
+    w = np.asarray(tree["params"]["Dense_0"]["kernel"], np.float64)
+    wt = np.asarray(noisy["params"]["Dense_0"]["kernel"], np.float64)
+    wh = np.asarray(hat["params"]["Dense_0"]["kernel"], np.float64)
+    np.testing.assert_allclose(u @ wh, u @ w, rtol=1e-4, atol=1e-4)  # clean component along u
+    corr = wh - wt  # the correction is parallel to u (rank one)
+    np.testing.assert_allclose(corr, np.outer(u, u @ corr) / (u @ u), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(hat["params"]["Dense_0"]["bias"]),
+                                  np.asarray(noisy["params"]["Dense_0"]["bias"]))  # 1-D leaves: no projection
+
+
 def test_learned_gradient_finite_and_training_lowers_objective(tiny_model):
     cfg, variables, ds, _ = tiny_model
     f = models.logits_fn(cfg)
     loss = lambda p, b: models.loss_fn(f(p, b[0]), b[1])  # noqa: E731
-    den0 = denoise.init_learned(variables, wnr_range=(-6.0, 10.0))
+    den0 = denoise.init_learned(variables, wnr_range=(-6.0, 10.0), projection=True)
     batch = (jnp.asarray(ds.x_val), jnp.asarray(ds.y_val))
     objective = jax.jit(jax.value_and_grad(lambda d: denoise.learned_objective(
         d, variables, loss, batch, key=jax.random.key(11), n_draws=16, wnr_range=(-6.0, 10.0))))
@@ -241,6 +259,11 @@ def test_learned_gradient_finite_and_training_lowers_objective(tiny_model):
     assert len(hist["loss"]) == 30 and all(math.isfinite(v) for v in hist["loss"])
     before, after = float(before), float(objective(den)[0])
     assert after < before - 0.01 * before, (before, after)
+    for c0, c1 in zip(den.coef, den0.coef):  # the stored targets are the clean projections
+        if c1 is not None and "direction" in c1:
+            assert not np.allclose(np.asarray(c0["direction"]), np.asarray(c1["direction"]))
+    np.testing.assert_allclose(  # retarget is idempotent on the trained denoiser
+        np.asarray(denoise.retarget(den, variables).coef[1]["target"]), np.asarray(den.coef[1]["target"]), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class Config:
       grid_lams, grid_betas: the compensated-MMSE grid (all pairs).
       reference, scope: WNR definition (``noise.noise_power``).
       learned_per_channel: per-output-channel coefficients for the learned denoiser.
+      learned_variants: which learned denoisers to train: ``"affine"`` (per-layer affine
+        map only) and/or ``"projection"`` (plus the common-mode projection, whose
+        per-channel targets are side information).
       learned_steps, learned_draws, learned_batch, learned_lr: its optax training
         (on the validation split; never the test split).
       targets: accuracies at which dB gains are read off.
@@ -50,6 +53,7 @@ class Config:
     reference: str = "variance"
     scope: str = "global"
     learned_per_channel: bool = False
+    learned_variants: tuple[str, ...] = ("affine", "projection")
     learned_steps: int = 300
     learned_draws: int = 8
     learned_batch: int = 128
@@ -76,16 +80,20 @@ CNN = ModelConfig(
 
 
 def default() -> Config:
+    cnn = dataclasses.replace(CNN, stage_channels=(8, 16), epochs=20)
     return Config(
         specs=(
-            ModelSpec("mlp_digits", MLP, _wnr(-8.0, 12.0, 2.0), (-10.0, 14.0)),
-            ModelSpec("resnet1d_mnist1d", CNN, _wnr(2.0, 22.0, 2.0), (0.0, 24.0)),
+            ModelSpec("mlp_digits", MLP, _wnr(-8.0, 12.0, 2.0), (-8.0, 8.0)),
+            ModelSpec("resnet1d_mnist1d", cnn, _wnr(2.0, 22.0, 2.0), (4.0, 20.0)),
         ),
         n_realizations=20,
-        grid_realizations=6,
-        learned_steps=200,
-        learned_draws=6,
-        learned_batch=96,
+        grid_realizations=4,
+        grid_lams=(0.0, 0.5, 0.9, 1.0),
+        grid_betas=(-1.0, -0.5, -0.25, -0.1, 0.0, 0.1),
+        learned_steps=150,
+        learned_draws=4,
+        learned_batch=64,
+        learned_lr=0.02,
     )
 
 
@@ -93,8 +101,8 @@ def full() -> Config:
     cnn = dataclasses.replace(CNN, epochs=60)
     return Config(
         specs=(
-            ModelSpec("mlp_digits", MLP, _wnr(-10.0, 14.0, 1.0), (-12.0, 16.0)),
-            ModelSpec("resnet1d_mnist1d", cnn, _wnr(0.0, 24.0, 1.0), (-2.0, 26.0)),
+            ModelSpec("mlp_digits", MLP, _wnr(-10.0, 14.0, 1.0), (-8.0, 8.0)),
+            ModelSpec("resnet1d_mnist1d", cnn, _wnr(0.0, 24.0, 1.0), (6.0, 22.0)),
         ),
         n_realizations=50,
         grid_realizations=20,
@@ -118,6 +126,7 @@ def tiny() -> Config:
         learned_steps=3,
         learned_draws=2,
         learned_batch=32,
+        learned_variants=("projection",),
     )
 
 
