@@ -231,12 +231,13 @@ def select_grid(acc: np.ndarray) -> np.ndarray:
 
 
 def wnr_at_accuracy(wnr_db: Sequence[float], acc: Sequence[float], target: float) -> float:
-    """Lowest WNR at which the curve reaches ``target``, by linear interpolation.
+    """WNR above which the curve stays at or above ``target``, by linear interpolation.
 
-    Points are sorted by WNR; the first point with ``acc >= target`` and the point
-    before it are interpolated.  Returns ``-inf`` if the first point already reaches
-    the target (the crossing lies below the measured range) and ``nan`` if no point
-    does.
+    Points are sorted by WNR; with ``i`` the last point below ``target``, the crossing
+    is interpolated between points ``i`` and ``i + 1`` (for a monotone curve this is
+    its only crossing; for a non-monotone one it is the conservative, last upward
+    crossing).  Returns ``-inf`` if no point is below the target (the crossing lies
+    below the measured range) and ``nan`` if the last point is below it.
     """
     w = np.asarray(wnr_db, dtype=float)
     a = np.asarray(acc, dtype=float)
@@ -246,13 +247,13 @@ def wnr_at_accuracy(wnr_db: Sequence[float], acc: Sequence[float], target: float
         raise ShapeMismatchError(f"wnr_db {w.shape} and acc {a.shape} must be matching 1-D arrays")
     order = np.argsort(w)
     w, a = w[order], a[order]
-    above = np.nonzero(a >= target)[0]
-    if above.size == 0:
-        return math.nan
-    i = int(above[0])
-    if i == 0:
+    below = np.nonzero(a < target)[0]
+    if below.size == 0:
         return -math.inf
-    w0, w1, a0, a1 = w[i - 1], w[i], a[i - 1], a[i]
+    i = int(below[-1])
+    if i == len(a) - 1:
+        return math.nan
+    w0, w1, a0, a1 = w[i], w[i + 1], a[i], a[i + 1]
     return float(w0 + (target - a0) * (w1 - w0) / (a1 - a0))
 
 

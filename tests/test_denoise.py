@@ -226,7 +226,8 @@ def test_learned_starts_at_ml_and_leaves_norm_params(tree):
 
 def test_projection_restores_the_common_mode_exactly(tree):
     den = denoise.retarget(denoise.init_learned(tree, projection=True), tree)
-    coef = den.coef[jax.tree_util.tree_leaves(tree).index(tree["params"]["Dense_0"]["kernel"])]
+    names = [noise.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    coef = den.coef[names.index(("params", "Dense_0", "kernel"))]
     assert coef["direction"].shape == (400,) and coef["target"].shape == (100,)
     assert all(c is None or "direction" not in c or c["direction"].ndim == 1 for c in den.coef)
     noisy = noise.add_weight_noise(tree, -5.0, key=jax.random.key(8))
@@ -280,6 +281,8 @@ def test_gain_db_hand_computed():
     est = np.array([[0.95, 0.95], [0.3, 0.3], [0.7, 0.9]])  # means 0.95, 0.3, 0.8 -> reaches 0.8 at 5
     assert sweeps.gain_db(w, ml, est, 0.8) == pytest.approx(3.75, abs=1e-12)
     assert sweeps.wnr_at_accuracy(w, ml, 0.05) == -math.inf  # already above at the first point
+    # non-monotone curve: the conservative (last upward) crossing, 2 + 0.1/0.4
+    assert sweeps.wnr_at_accuracy([0, 1, 2, 3], [0.1, 0.7, 0.5, 0.9], 0.6) == pytest.approx(2.25, abs=1e-12)
     assert math.isnan(sweeps.wnr_at_accuracy(w, ml, 0.99))
     assert math.isnan(sweeps.gain_db(w, ml, est, 0.99))
     table = sweeps.gains_table(w, {"ML": ml, "est": est}, [0.8], baseline="ML")

@@ -65,15 +65,14 @@ def _wnr(lo: float, hi: float, step: float) -> tuple[float, ...]:
 
 def default() -> Config:
     return Config(
-        specs=(FedSpec("mlp_digits", MLP, FED, _wnr(-37.5, -17.5, 2.5)),),
-        denoisers=("ml", "compensated", "learned"),
-        n_seeds=1,
+        specs=(FedSpec("mlp_digits", MLP, FED, _wnr(-37.5, -17.5, 1.25)),),
+        n_seeds=2,
     )
 
 
 def full() -> Config:
     cnn = ModelConfig(kind="resnet1d", dataset="mnist1d", stage_channels=(16, 32), n_samples=5000)
-    fed_cnn = dataclasses.replace(FED, local_batch=32, local_lr=0.05, local_epochs=2)
+    fed_cnn = dataclasses.replace(FED, local_batch=32, local_lr=0.1, local_epochs=3)
     return Config(
         specs=(
             FedSpec("mlp_digits", MLP, FED, _wnr(-40.0, -15.0, 1.25)),

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def main(config=None) -> dict:
                "models": {}}
     for spec in cfg.specs:
         results["models"][spec.name] = run_model(spec, cfg)
+        _write(cfg, results)  # partial results survive an interrupted run
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = {
         name: {est: {t: g[t]["gain_db"] for t in g} for est, g in res["gains"].items() if est != "ML"}
@@ -119,6 +121,14 @@ def main(config=None) -> dict:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _write(cfg, results) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
 
 
 def _parse(argv=None):

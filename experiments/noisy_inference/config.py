@@ -84,13 +84,13 @@ def default() -> Config:
     return Config(
         specs=(
             ModelSpec("mlp_digits", MLP, _wnr(-8.0, 12.0, 2.0), (-8.0, 8.0)),
-            ModelSpec("resnet1d_mnist1d", cnn, _wnr(2.0, 22.0, 2.0), (4.0, 20.0)),
+            ModelSpec("resnet1d_mnist1d", cnn, _wnr(4.0, 28.0, 2.0), (8.0, 24.0)),
         ),
         n_realizations=20,
         grid_realizations=4,
         grid_lams=(0.0, 0.5, 0.9, 1.0),
         grid_betas=(-1.0, -0.5, -0.25, -0.1, 0.0, 0.1),
-        learned_steps=150,
+        learned_steps=120,
         learned_draws=4,
         learned_batch=64,
         learned_lr=0.02,

@@ -177,6 +177,7 @@ def main(config=None) -> dict:
     results = {"experiment": "noisy_inference", "config": _config_dict(cfg), "models": {}}
     for spec in cfg.specs:
         results["models"][spec.name] = run_model(spec, cfg)
+        _write(cfg, results)  # partial results survive an interrupted run
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = {
         name: {
@@ -197,6 +198,14 @@ def _config_dict(cfg) -> dict:
 
     d = dataclasses.asdict(cfg)
     return json.loads(json.dumps(d, default=str))
+
+
+def _write(cfg, results) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
 
 
 def _parse(argv=None):
