@@ -112,6 +112,7 @@ def main(config=None) -> dict:
     for spec in cfg.specs:
         results["models"][spec.name] = run_model(spec, cfg)
         _write(cfg, results)  # partial results survive an interrupted run
+    results["figures"] = [res["png"] for res in results["models"].values()]
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = {
         name: {est: {t: g[t]["gain_db"] for t in g} for est, g in res["gains"].items() if est != "ML"}
