@@ -394,8 +394,9 @@ class LearnedDenoiser:
     def features(self, wnr_db: Array, nu: Array) -> Array:
         """``φ = [ν, ν·τ, ν², ν²·τ]`` with a trailing axis of 4 (``wnr_db`` broadcast to ``nu``).
 
-        Every feature vanishes with the noise fraction ν, so the denoiser tends to ML
-        (``ŵ → w̃``) as the WNR grows, whatever its coefficients.
+        Every feature (and the MMSE-exponent term ``s·log(1 − ν)``) vanishes with the noise
+        fraction ν, so the affine map tends to the identity as the WNR grows, whatever
+        its coefficients; the optional projection stays (it is exact along ``u``).
         """
         tau = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
         tau = jnp.broadcast_to(tau, nu.shape).astype(nu.dtype)
