@@ -255,7 +255,6 @@ def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
         _, acc = jax.lax.scan(block, (variables0, den0), jnp.arange(cfg.rounds // cfg.eval_every))
         return acc
 
-    run_one.one_round = one_round
     return run_one
 
 
