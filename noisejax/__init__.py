@@ -32,6 +32,11 @@ _SUBMODULES = (
     "mitigate",
     "train",
     "denoise",
+    "sweeps",
+    "models",
+    "checkpoint",
+    "federated",
+    "reproduce",
     "data",
     "flax",
 )
