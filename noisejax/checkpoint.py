@@ -94,11 +94,19 @@ def save(path: PathLike, tree: PyTree, *, metadata: Optional[dict] = None) -> Pa
         {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "metadata": metadata or {}}
     ).encode()
     blob = MAGIC + len(header).to_bytes(_LEN_BYTES, "little") + header + payload
+    atomic_write_bytes(path, blob)
+    return path
+
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

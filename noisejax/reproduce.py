@@ -142,23 +142,7 @@ def safe_join(root: PathLike, *parts: str) -> Path:
         raise InvalidArgumentError(f"path {os.path.join(*parts)!r} escapes the folder {str(base)!r}")
     return target
 
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+from noisejax.checkpoint import atomic_write_bytes  # noqa: E402  (re-exported)
 
 
 def to_jsonable(obj: Any) -> Any:
