@@ -114,7 +114,7 @@ class MCResult:
 
 def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:
     """Statistics of the valid rows of a tile (leading axis), two-pass, fixed shape."""
-    count = jnp.sum(valid.astype(jnp.int32))
+    count = jnp.sum(valid.astype(jnp.int32), dtype=jnp.int32)
 
     def one(v):
         m = valid.reshape(valid.shape + (1,) * (v.ndim - 1))
