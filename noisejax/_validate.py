@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from noisejax.errors import InvalidArgumentError
+from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__: list[str] = []
 
@@ -21,14 +21,14 @@ def _is_concrete(x: Any) -> bool:
     """True for Python numbers, NumPy arrays and committed (non-traced) jax arrays."""
     if isinstance(x, jax.core.Tracer):
         return False
-    return isinstance(x, (int, float, np.ndarray, np.number, jax.Array))
+    return isinstance(x, (int, float, complex, str, bytes, list, tuple, np.ndarray, np.generic, jax.Array))
 
 
 def check_variance(name: str, value: Any) -> None:
     """Raise unless ``value`` is finite and >= 0 everywhere (skips traced values)."""
     if value is None or not _is_concrete(value):
         return
-    arr = np.asarray(value)
+    arr = _as_array(name, value)
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise InvalidArgumentError(f"{name} must be a real number, got dtype {arr.dtype}")
     if not np.all(np.isfinite(arr)):
@@ -41,7 +41,7 @@ def check_finite(name: str, value: Any) -> None:
     """Raise unless the concrete array ``value`` holds only finite numbers."""
     if value is None or not _is_concrete(value):
         return
-    arr = np.asarray(value)
+    arr = _as_array(name, value)
     if not np.issubdtype(arr.dtype, np.number):
         raise InvalidArgumentError(f"{name} must be numeric, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
@@ -53,7 +53,7 @@ def check_real_number(name: str, value: Any) -> None:
     """Raise unless ``value`` is a finite real scalar or array (e.g. a WNR in dB)."""
     if value is None or not _is_concrete(value):
         return
-    arr = np.asarray(value)
+    arr = _as_array(name, value)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise InvalidArgumentError(f"{name} must be a real number, got dtype {arr.dtype}")
     if not np.all(np.isfinite(arr)):
@@ -74,6 +74,38 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InvalidArgumentError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
+
+
+def check_tree_finite(name: str, tree: Any) -> None:
+    """:func:`check_finite` on every concrete leaf of ``tree``; the message names the leaf's path."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        check_finite(f"{name}{jax.tree_util.keystr(path)}", leaf)
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{name} must be a number or an array of numbers, got {type(value).__name__}") from None
+
+
+def check_input(name: str, x: Any, features: int | None = None, *, what: str = "the layer's W") -> None:
+    """Raise unless ``x`` is a floating-point array (finite when concrete) whose last axis has ``features``.
+
+    The dtype and shape checks are static, so they also run under ``jit``/``vmap``.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        x = _as_array(name, x)
+        dtype = x.dtype
+    if not np.issubdtype(dtype, np.floating):
+        raise InvalidArgumentError(f"{name} must be a floating-point array, got dtype {dtype}")
+    shape = np.shape(x)
+    if features is not None and (not shape or shape[-1] != features):
+        raise ShapeMismatchError(
+            f"{name} has {shape[-1] if shape else 0} features on its last axis; {what} expects {features}"
+        )
+    check_finite(name, x)
 
 
 def _short(arr: np.ndarray) -> str:

@@ -109,6 +109,7 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
         return tuple(in_shape[:-1]) + (out_dim,), params
 
     def apply(params, x, *, key=None, noise=None):
+        _validate.check_input("x", x, params["W"].shape[0])
         y = x @ params["W"]
         if "b" in params:
             y = y + params["b"]

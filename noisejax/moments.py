@@ -55,7 +55,8 @@ Rules
   - ``"gaussian"``: the pre-activation is taken Gaussian, ``x_i ~ N(m_i, v_i)``;
     ``m'_i = E f(x_i)`` and ``C'_ii = Var f(x_i)`` exactly (closed forms for linear,
     ReLU and erf, Gauss–Hermite quadrature for any other ``f``, sigmoid and tanh
-    included), and the covariance with every other Gaussian quantity ``z``
+    included — with a Taylor expansion for tiny and a trapezoid rule for wide
+    pre-activation spreads, see ``_quadrature_stats``), and the covariance with every other Gaussian quantity ``z``
     (other neurons, latent sources) follows Stein's lemma / Price's theorem
     ``cov(f(x_i), z) = E[f'(x_i)] cov(x_i, z)``: the factors are scaled by the
     *gain* ``g_i = E f'(x_i)``, off-diagonal entries by ``g_i g_k``, and the
@@ -488,27 +489,83 @@ def _derivative(fn: Callable[[Array], Array], x: Array) -> Array:
     return jax.jvp(fn, (x,), (jnp.ones_like(x),))[1]
 
 
-def _quadrature_stats(fn, mu, v, n):
-    """``E f``, ``Var f`` (two-pass, centred) and ``E f'`` by n-point Gauss–Hermite.
+#: below this standard deviation a second-order Taylor expansion replaces the quadrature
+#: (float32 cannot resolve ``f(μ + σz) − f(μ)`` for tiny σ; the expansion has no cancellation)
+_NARROW_SD = 1e-2
+#: above it Gauss–Hermite loses accuracy for steep ``f`` (sigmoid/tanh poles at distance π/σ
+#: from the real axis, in units of z); a trapezoid rule on ±8.5σ takes over
+_WIDE_SD = 2.0
+_TRAPEZOID_HALF_WIDTH = 8.5
 
-    The gain uses Stein's identity ``E f'(x) = E[(x − μ)(f(x) − f(μ))]/v`` — no
-    derivative, so kinks (steps in ``f'``) cost no accuracy — and falls back to
-    ``f'(μ)`` (error of order ``f'''(μ) v``) where ``σ < 10⁻³ (1 + |μ|)`` is too small
-    for the division to be accurate.
+
+@lru_cache(maxsize=None)
+def _trapezoid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trapezoid nodes/weights on ``[-8.5, 8.5]`` with ``E[g(Z)] ≈ Σ w_k g(z_k)``, ``Z ~ N(0, 1)``.
+
+    For ``g`` analytic in the strip ``|Im z| < d`` the error is ``~exp(-2π d / h)``
+    (``h`` the spacing) — geometric even where Gauss–Hermite converges slowly.
     """
-    z, w = _hermite(int(n))
+    z = np.linspace(-_TRAPEZOID_HALF_WIDTH, _TRAPEZOID_HALF_WIDTH, n)
+    w = np.exp(-0.5 * z * z)
+    return z, w / w.sum()
+
+
+def _rule_stats(fn, mu, sd, z, w):
+    """``E f``, centred ``Var f`` and Stein's gain ``E[Z (f(μ+σZ) − f(μ))]/σ`` for one quadrature rule."""
     z = jnp.asarray(z, mu.dtype)
     w = jnp.asarray(w, mu.dtype)
-    sd = _safe_sqrt(v)
-    x = mu[..., None] + sd[..., None] * z
-    fx = fn(x)
+    fx = fn(mu[..., None] + sd[..., None] * z)
     ef = fx @ w
     vf = jnp.square(fx - ef[..., None]) @ w
-    wide = sd > 1e-3 * (1.0 + jnp.abs(mu))
-    f_mu, df_mu = jax.jvp(fn, (mu,), (jnp.ones_like(mu),))
-    stein = ((fx - f_mu[..., None]) * z) @ w / jnp.where(wide, sd, 1.0)
-    g = jnp.where(wide, stein, df_mu)  # narrow: E f' = f'(mu) + O(f'''(mu) v)
-    return ef, vf, g
+    gain = ((fx - fn(mu)[..., None]) * z) @ w / sd
+    return ef, vf, gain
+
+
+def _taylor_stats(fn, mu, v):
+    """Moments of ``f(x)``, ``x ~ N(μ, v)``, for small ``v`` (Hermite expansion)::
+
+        E f  = f + f2 v / 2
+        Var f = f1² v + (f2² / 2 + f1 f3) v²
+        E f' = f1 + f3 v / 2
+
+    with ``fk`` the k-th derivative at ``μ``; then ``Var f − (E f')² v = f2² v² / 2 ≥ 0``
+    as for the exact moments.
+    """
+    ones = jnp.ones_like(mu)
+    d1 = lambda x: jax.jvp(fn, (x,), (ones,))[1]  # noqa: E731
+    d2 = lambda x: jax.jvp(d1, (x,), (ones,))[1]  # noqa: E731
+    _, f1 = jax.jvp(fn, (mu,), (ones,))
+    f2, f3 = jax.jvp(d2, (mu,), (ones,))
+    ef = fn(mu) + 0.5 * f2 * v
+    vf = jnp.maximum(jnp.square(f1) * v + (0.5 * jnp.square(f2) + f1 * f3) * jnp.square(v), 0.0)
+    return ef, vf, f1 + 0.5 * f3 * v
+
+
+def _quadrature_stats(fn, mu, v, n):
+    """``E f``, ``Var f`` (centred) and ``E f'`` of ``f(x)``, ``x ~ N(μ, v)``, for any elementwise ``f``.
+
+    * ``σ < 10⁻²``: second-order Taylor expansion (:func:`_taylor_stats`) — float32
+      quadrature cannot resolve ``f(μ + σz) − f(μ)`` there (e.g. tanh near saturation).
+    * ``10⁻² ≤ σ ≤ 2``: ``n``-point Gauss–Hermite.
+    * ``σ > 2``: a ``4n + 1``-point trapezoid rule on ±8.5σ (computed only when some
+      element needs it), accurate where Gauss–Hermite converges slowly for steep ``f``.
+
+    The gain uses Stein's identity ``E f'(x) = E[(x − μ)(f(x) − f(μ))]/v`` — no
+    derivative, so kinks (steps in ``f'``) cost no accuracy.
+    """
+    sd = _safe_sqrt(v)
+    narrow = sd < _NARROW_SD
+    wide = sd > _WIDE_SD
+    sd_q = jnp.where(narrow, 1.0, sd)  # narrow elements use the expansion; keep the rule finite
+    gh = _rule_stats(fn, mu, sd_q, *_hermite(int(n)))
+
+    def with_trapezoid():
+        tr = _rule_stats(fn, mu, sd_q, *_trapezoid(4 * int(n) + 1))
+        return tuple(jnp.where(wide, a, b) for a, b in zip(tr, gh))
+
+    stats = lax.cond(jnp.any(wide), with_trapezoid, lambda: gh)
+    taylor = _taylor_stats(fn, mu, jnp.where(narrow, v, 0.0))  # masked: no inf/NaN in unused gradients
+    return tuple(jnp.where(narrow, t, q) for t, q in zip(taylor, stats))
 
 
 def _relu_stats(mu, v):
@@ -894,6 +951,7 @@ def predict(
     if not isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer)):
         x = np.asarray(x)
     _validate.check_finite("x", x)
+    _validate.check_tree_finite("params", params)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))

@@ -13,6 +13,15 @@
   ``WNR_ML(target) − WNR_est(target)`` in dB.
 * :func:`plot_accuracy_curves` — mean ± std bands, PNG (Agg backend).
 
+Resumable sweeps: with ``store=FOLDER`` every finished WNR point is written
+atomically to ``FOLDER/point-IIII.npz`` (temporary file + rename, SHA-256 of the
+arrays, a fingerprint of everything the point depends on: data, clean weights,
+estimators, WNR, key, ``R``).  A restarted sweep loads the points whose file is
+intact and whose fingerprint matches, and recomputes the others (missing,
+truncated, corrupted or computed for other inputs) — a killed sweep finishes with
+bitwise the same result as an uninterrupted one.  ``logits_fn`` itself cannot be
+fingerprinted: give each model function its own folder (or a ``store_key``).
+
 Example::
 
     >>> res = accuracy_sweep(f, variables, x, y, [0., 5., 10.], key=jax.random.key(0),
@@ -26,7 +35,10 @@ Example::
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -36,6 +48,7 @@ import numpy as np
 
 from noisejax import _validate
 from noisejax import noise as _noise
+from noisejax import reproduce as _files
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
@@ -104,6 +117,50 @@ def _realization_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
+def _tree_digest(tree: Any) -> str:
+    """SHA-256 of a pytree's structure and leaf bytes (keys by their key data)."""
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    # static fields may hold functions: drop their memory addresses, which change per process
+    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef)).encode())
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            h.update(str(jax.random.key_impl(leaf)).encode())
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class _PointStore:
+    """Atomic per-point files ``point-IIII.npz`` in ``folder`` (see the module docstring)."""
+
+    def __init__(self, folder: Optional[Any], ident: dict):
+        self.folder = None
+        if folder is not None:
+            try:
+                self.folder = os.fspath(folder)
+                os.makedirs(self.folder, exist_ok=True)
+            except (TypeError, OSError) as e:
+                raise InvalidArgumentError(f"store must be a writable folder, got {folder!r} ({e})") from None
+        self.ident = ident
+        self.reused = 0
+
+    def get_or_compute(self, i: int, point_ident: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+        if self.folder is None:
+            return compute(), False
+        path = _files.safe_join(self.folder, f"point-{i:04d}.npz")
+        key = {**self.ident, **point_ident, "index": i}
+        stored = _files.load_arrays(path, key=key)
+        if stored is not None:
+            self.reused += 1
+            return stored, True
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        _files.save_arrays(path, arrays, key=key)
+        return arrays, False
+
+
 def _check_data(x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.shape[0] != y.shape[0]:
@@ -126,6 +183,9 @@ def accuracy_sweep(
     leaf_filter=_noise.default_leaf_filter,
     batch_size: Optional[int] = None,
     progress: bool = False,
+    store: Optional[Any] = None,
+    store_key: Any = None,
+    on_point: Optional[Callable[[int, bool], None]] = None,
 ) -> dict[str, np.ndarray]:
     """Accuracy of every estimator, shape ``(W, R)`` each, for WNRs ``wnr_db``.
 
@@ -141,9 +201,14 @@ def accuracy_sweep(
         point, e.g. grid points selected per WNR; no recompilation between points).
       reference, scope: WNR definition (see :func:`noisejax.noise.noise_power`).
       batch_size: realizations evaluated together (``lax.map`` batch; default all).
+      progress: a tqdm bar over the WNR points.
+      store: folder for resumable points (see the module docstring); ``None``: keep nothing.
+      store_key: extra JSON-able identity of the sweep (e.g. the model's name).
+      on_point: ``on_point(i, reused)`` after WNR point ``i`` is finished (and stored).
 
     Returns:
-      dict name -> NumPy array ``(W, R)`` of accuracies, plus ``"_seconds"`` (float).
+      dict name -> NumPy array ``(W, R)`` of accuracies, plus ``"_seconds"`` (float)
+      and ``"_reused"`` (points loaded from ``store``).
     """
     n_realizations = _validate.check_int("n_realizations", n_realizations, minimum=1)
     _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
@@ -166,6 +231,10 @@ def accuracy_sweep(
 
     keys = _realization_keys(key, n_realizations)
     t0 = time.perf_counter()
+    points = _PointStore(store, {} if store is None else {
+        "kind": "accuracy_sweep", "names": names, "R": n_realizations, "reference": reference, "scope": scope,
+        "data": _tree_digest((variables, x, y, key)), "store_key": store_key,
+    })
     rows = []
     iterator = enumerate(grid)
     if progress:
@@ -174,10 +243,17 @@ def accuracy_sweep(
         iterator = tqdm(iterator, total=len(grid), desc="WNR sweep", leave=False)
     for i, w in iterator:
         ests = [per_point[n][i] for n in names]
-        rows.append(np.asarray(point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)))
+        ident = {} if store is None else {"wnr_db": float(w), "estimators": _tree_digest(ests)}
+        arrays, reused = points.get_or_compute(
+            i, ident, lambda: {"acc": point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)}
+        )
+        rows.append(np.asarray(arrays["acc"]))
+        if on_point is not None:
+            on_point(i, reused)
     acc = np.stack(rows)  # (W, R, E)
     out: dict[str, Any] = {name: acc[:, :, i] for i, name in enumerate(names)}
     out["_seconds"] = time.perf_counter() - t0
+    out["_reused"] = points.reused
     return out
 
 
@@ -194,6 +270,9 @@ def grid_accuracies(
     scope: str = "global",
     leaf_filter=_noise.default_leaf_filter,
     grid_batch_size: Optional[int] = None,
+    store: Optional[Any] = None,
+    store_key: Any = None,
+    on_point: Optional[Callable[[int, bool], None]] = None,
 ) -> dict[str, np.ndarray]:
     """Accuracy ``(W, G, R)`` of each point of ``grid`` on each dataset of ``data``.
 
@@ -203,6 +282,7 @@ def grid_accuracies(
     At each WNR, one compiled call draws the ``R`` realizations (``fold_in(key, r)``)
     and evaluates all ``G`` grid points on each of them (``vmap`` over realizations,
     ``lax.map`` over the grid with ``grid_batch_size`` to bound memory).
+    ``store``, ``store_key`` and ``on_point`` make it resumable, as in :func:`accuracy_sweep`.
     """
     n_realizations = _validate.check_int("n_realizations", n_realizations, minimum=1)
     if not data:
@@ -214,8 +294,20 @@ def grid_accuracies(
 
     point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size)
 
+    _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
     keys = _realization_keys(key, n_realizations)
-    rows = [point(variables, jnp.asarray(w, jnp.result_type(float)), keys, grid, arrays) for w in wnr_db]
+    points = _PointStore(store, {} if store is None else {
+        "kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
+        "data": _tree_digest((variables, arrays, grid, key)), "store_key": store_key,
+    })
+    rows = []
+    for i, w in enumerate(np.asarray(wnr_db, dtype=float)):
+        row, reused = points.get_or_compute(
+            i, {"wnr_db": float(w)}, lambda: point(variables, jnp.asarray(w, jnp.result_type(float)), keys, grid, arrays)
+        )
+        rows.append(row)
+        if on_point is not None:
+            on_point(i, reused)
     return {name: np.stack([np.asarray(r[name]) for r in rows]) for name in arrays}
 
 
@@ -245,6 +337,8 @@ def wnr_at_accuracy(wnr_db: Sequence[float], acc: Sequence[float], target: float
         a = a.mean(axis=1)
     if w.shape != a.shape or w.ndim != 1:
         raise ShapeMismatchError(f"wnr_db {w.shape} and acc {a.shape} must be matching 1-D arrays")
+    _validate.check_real_number("target", target)
+    _validate.check_real_number("wnr_db", w)
     order = np.argsort(w)
     w, a = w[order], a[order]
     below = np.nonzero(a < target)[0]

@@ -206,18 +206,26 @@ def test_device_count_invariance_is_bitwise(tmp_path):
 
 
 def test_streaming_variance_float32_large_mean():
-    """Mean 10³× the std over 10⁶ samples: float32 streaming variance matches float64."""
-    n = 1_000_000
+    """Mean 10³× the std over 10⁷ samples: float32 streaming statistics match a float64 reference."""
+    n, chunk = 10_000_000, 1_000_000
     fn = lambda k: 1000.0 + jax.random.normal(k, (4,), jnp.float32)
     res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, streams=8)
-    keys = simulate.realization_keys(jax.random.key(0), jnp.arange(n, dtype=jnp.uint32))
-    samples = np.asarray(jax.jit(jax.vmap(fn))(keys), np.float64)
-    ref_var = samples.var(0, ddof=1)
+    # reference: the same samples, shifted by the known 1000 and summed in float64 (no cancellation)
+    sample = jax.jit(jax.vmap(fn))
+    s1 = s2 = 0.0
+    n1 = n2 = np.zeros(4, np.float32)  # the naive one-pass float32 formula, for contrast
+    for start in range(0, n, chunk):
+        keys = simulate.realization_keys(jax.random.key(0), jnp.arange(start, start + chunk, dtype=jnp.uint32))
+        x32 = np.asarray(sample(keys))
+        d = x32.astype(np.float64) - 1000.0
+        s1, s2 = s1 + d.sum(0), s2 + np.square(d).sum(0)
+        n1, n2 = n1 + x32.sum(0, dtype=np.float32), n2 + np.square(x32).sum(0, dtype=np.float32)
+    ref_mean, ref_var = 1000.0 + s1 / n, (s2 - s1 * s1 / n) / (n - 1)
+    assert int(res.count) == n
     np.testing.assert_allclose(np.asarray(res.var, np.float64), ref_var, rtol=1e-4)
-    np.testing.assert_allclose(np.asarray(res.mean, np.float64), samples.mean(0), rtol=1e-6)
-    # the naive one-pass formula in float32 is far off: the test can tell them apart
-    s32 = samples.astype(np.float32)
-    naive = (np.sum(s32 * s32, 0, dtype=np.float32) / n - np.square(np.sum(s32, 0, dtype=np.float32) / n)) * n / (n - 1)
+    np.testing.assert_allclose(np.asarray(res.mean, np.float64), ref_mean, rtol=1e-6)
+    # the naive formula in float32 is far off: the test can tell them apart
+    naive = (n2 / np.float32(n) - np.square(n1 / np.float32(n))) * n / (n - 1)
     assert np.max(np.abs(naive / ref_var - 1)) > 1e-2
 
 

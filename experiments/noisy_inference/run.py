@@ -102,9 +102,10 @@ def run_model(spec, cfg) -> dict:
     # (λ', β) grid: validation selection and the test oracle, one compiled call per WNR point each
     t0 = time.perf_counter()
     grid = denoise.compensated_grid(cfg.grid_lams, cfg.grid_betas)
+    points = Path(cfg.out_dir) / "points" / spec.name  # finished WNR points, reused by a restarted run
     grid_acc = sweeps.grid_accuracies(
         f, variables, {"val": (ds.x_val, ds.y_val), "test": (ds.x_test, ds.y_test)}, wnr, grid, key=k_val,
-        n_realizations=cfg.grid_realizations, **common,
+        n_realizations=cfg.grid_realizations, store=points / "grid", store_key=spec.model.to_dict(), **common,
     )
     val_acc, test_grid = grid_acc["val"], grid_acc["test"]
     sel, oracle = sweeps.select_grid(val_acc), sweeps.select_grid(test_grid)
@@ -133,9 +134,10 @@ def run_model(spec, cfg) -> dict:
     }
     sweep = sweeps.accuracy_sweep(
         f, variables, ds.x_test, ds.y_test, wnr, key=k_test, n_realizations=cfg.n_realizations,
-        estimators=estimators, progress=cfg.progress, **common,
+        estimators=estimators, progress=cfg.progress, store=points / "sweep", store_key=spec.model.to_dict(), **common,
     )
     t_sweep = sweep.pop("_seconds")
+    reused = sweep.pop("_reused")
     curves = {name: sweep[name] for name in estimators}
     gains = sweeps.gains_table(wnr, curves, cfg.targets, baseline="ML")
 
@@ -166,6 +168,7 @@ def run_model(spec, cfg) -> dict:
         },
         "learned": learn_info,
         "seconds": {"grid": t_grid, "sweep": t_sweep, "total": time.perf_counter() - t_start},
+        "points_reused": int(reused),
         "png": png.name,
     }
 
@@ -179,6 +182,7 @@ def main(config=None) -> dict:
         results["models"][spec.name] = run_model(spec, cfg)
         _write(cfg, results)  # partial results survive an interrupted run
     results["figures"] = [res["png"] for res in results["models"].values()]
+    results["points_reused"] = sum(res["points_reused"] for res in results["models"].values())
     results["seconds"] = time.perf_counter() - t0
     results["summary"] = {
         name: {

@@ -143,20 +143,32 @@ def snr_per_layer(net, params, x, cfg, key) -> dict:
     return out
 
 
-def accuracy_sweep(net, params, ds: data.Dataset, cfg, key) -> dict:
-    """Test accuracy (mean ± std over realizations) vs noise intensity, per noise type."""
+def accuracy_sweep(net, params, ds: data.Dataset, cfg, key, points_dir: Path, ident) -> tuple[dict, int]:
+    """Test accuracy (mean ± std over realizations) vs noise intensity, per noise type.
+
+    Each (noise type, intensity) point is stored atomically in ``points_dir`` when
+    finished; a restarted run reuses the stored points.  Returns ``(result, reused)``.
+    """
     ev = train.make_evaluator(net, n_realizations=cfg.acc_realizations)
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
     out = {"intensities": list(cfg.intensities), "mean": {}, "std": {}}
+    reused = 0
+
+    def point(i, t, j, d):
+        r = ev(params, x, y, noise=one_type(t, jnp.float32(d)), key=jax.random.fold_in(key, 100 * i + j))
+        acc = np.asarray(r.accuracy)
+        return {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if acc.size > 1 else 0.0}
+
     for i, t in enumerate(NOISE_TYPES):
         means, stds = [], []
         for j, d in enumerate(cfg.intensities):
-            r = ev(params, x, y, noise=one_type(t, jnp.float32(d)), key=jax.random.fold_in(key, 100 * i + j))
-            acc = np.asarray(r.accuracy)
-            means.append(float(acc.mean()))
-            stds.append(float(acc.std(ddof=1)) if acc.size > 1 else 0.0)
+            value, was_stored = cached_point(points_dir, f"accuracy-{t}-{j:03d}", lambda: point(i, t, j, d),
+                                             key={**ident, "noise": t, "intensity": float(d)})
+            reused += int(was_stored)
+            means.append(value["mean"])
+            stds.append(value["std"])
         out["mean"][t], out["std"][t] = means, stds
-    return out
+    return out, reused
 
 
 # ----------------------------------------------------------------------------------
@@ -330,8 +342,7 @@ def _main(config: Any = "default", out_dir: Optional[str] = None, *, data_dir: O
         if bar is not None:
             bar.update(1)
         t = time.perf_counter()
-        acc, r2 = cached_point(out / "points", "accuracy", lambda: accuracy_sweep(net, params, ds, cfg, jax.random.fold_in(key, 1)),
-                               key=ident)
+        acc, r2 = accuracy_sweep(net, params, ds, cfg, jax.random.fold_in(key, 1), out / "points", ident)
         seconds["accuracy"] = time.perf_counter() - t
         if bar is not None:
             bar.update(1)

@@ -1,0 +1,156 @@
+"""Resumable WNR sweeps: atomic per-point files, SIGKILL at random moments, corrupted points.
+
+The driver below runs :func:`noisejax.sweeps.accuracy_sweep` with ``store=`` on a
+fixed linear classifier of scikit-learn's digits; ``on_point`` logs each point it
+computed (after the point's file is stored) and sleeps, so kills land between and
+inside points.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from noisejax import denoise, sweeps
+from noisejax.errors import InvalidArgumentError
+
+_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import jax, jax.numpy as jnp, numpy as np
+    from sklearn.datasets import load_digits
+    from noisejax import denoise, sweeps
+
+    store, log, result = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)[:400]
+    y = y[:400]
+    r = np.random.default_rng(0)
+    variables = {"Dense_0": {"kernel": r.normal(size=(64, 10)).astype(np.float32) * 0.3,
+                             "bias": np.zeros(10, np.float32)}}
+    f = lambda v, xb: xb @ v["Dense_0"]["kernel"] + v["Dense_0"]["bias"]
+
+    def on_point(i, reused):
+        if not reused:
+            with open(log, "a") as fh:
+                fh.write(f"{i}\\n")
+        time.sleep(0.25)
+
+    res = sweeps.accuracy_sweep(f, variables, x, y, np.linspace(-6.0, 15.0, 8), key=jax.random.key(3),
+                                n_realizations=16, estimators={"ml": denoise.ML(), "mmse": denoise.MMSE()},
+                                store=store, on_point=on_point)
+    np.savez(result, ml=res["ml"], mmse=res["mmse"], reused=res["_reused"])
+    """
+)
+
+
+def _run(driver, *args, env):
+    return subprocess.Popen([sys.executable, str(driver), *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _inodes(folder):
+    return {p: os.stat(os.path.join(folder, p)).st_ino for p in os.listdir(folder) if p.endswith(".npz")}
+
+
+def test_sweep_killed_at_random_moments_resumes_bitwise(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+    ref = _run(driver, tmp_path / "ref_store", tmp_path / "ref.log", tmp_path / "ref.npz", env=env)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()
+
+    store, log = tmp_path / "store", tmp_path / "computed.log"
+    rnd = random.Random(1)
+    kills = 0
+    for target in (1, 3, 5):  # kill once the sweep has finished `target` points, at a random moment after
+        p = _run(driver, store, log, tmp_path / "killed.npz", env=env)
+        deadline = time.monotonic() + 300
+        while p.poll() is None and time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().split()) >= target:
+                break
+            time.sleep(0.01)
+        time.sleep(rnd.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 2, "the driver finished before it could be killed"
+    assert not (tmp_path / "killed.npz").exists()
+
+    before = _inodes(store)
+    assert 1 <= len(before) < 8
+    # a damaged point is never trusted: truncate one stored point, overwrite another with garbage
+    damaged = sorted(before)[:2]
+    path0 = store / damaged[0]
+    path0.write_bytes(path0.read_bytes()[: path0.stat().st_size // 2])
+    if len(damaged) > 1:
+        (store / damaged[1]).write_bytes(b"garbage")
+
+    final = _run(driver, store, log, tmp_path / "final.npz", env=env)
+    assert final.wait(timeout=300) == 0, final.stderr.read().decode()
+
+    computed = [int(v) for v in log.read_text().split()]
+    intact = {name for name in before if name not in damaged}
+    # every point was computed; no finished point was computed twice (the damaged ones excepted)
+    assert sorted(set(computed)) == list(range(8))
+    assert len(computed) == 8 + len(damaged)
+    after = _inodes(store)
+    assert all(after[name] == before[name] for name in intact), "an intact stored point was rewritten"
+    a, b = np.load(tmp_path / "final.npz"), np.load(tmp_path / "ref.npz")
+    assert int(a["reused"]) == len(intact)
+    np.testing.assert_array_equal(a["ml"], b["ml"])
+    np.testing.assert_array_equal(a["mmse"], b["mmse"])
+
+
+@pytest.fixture(scope="module")
+def tiny_problem():
+    r = np.random.default_rng(0)
+    x = r.normal(size=(64, 8)).astype(np.float32)
+    w = r.normal(size=(8, 3)).astype(np.float32)
+    y = np.argmax(x @ w, -1)
+    return (lambda v, xb: xb @ v["Dense_0"]["kernel"]), {"Dense_0": {"kernel": w}}, x, y
+
+
+def test_store_reuses_only_matching_points(tiny_problem, tmp_path):
+    f, v, x, y = tiny_problem
+    kw = dict(n_realizations=4, estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    first = sweeps.accuracy_sweep(f, v, x, y, [0.0, 10.0], key=jax.random.key(0), **kw)
+    again = sweeps.accuracy_sweep(f, v, x, y, [0.0, 10.0], key=jax.random.key(0), **kw)
+    assert first["_reused"] == 0 and again["_reused"] == 2
+    np.testing.assert_array_equal(first["ml"], again["ml"])
+    # another key, another WNR grid, other weights: stored points are not reused
+    assert sweeps.accuracy_sweep(f, v, x, y, [0.0, 10.0], key=jax.random.key(1), **kw)["_reused"] == 0
+    assert sweeps.accuracy_sweep(f, v, x, y, [0.0, 12.0], key=jax.random.key(1), **kw)["_reused"] == 1
+    v2 = {"Dense_0": {"kernel": v["Dense_0"]["kernel"] * 2}}
+    assert sweeps.accuracy_sweep(f, v2, x, y, [0.0, 12.0], key=jax.random.key(1), **kw)["_reused"] == 0
+
+
+def test_grid_store_resumes(tiny_problem, tmp_path):
+    f, v, x, y = tiny_problem
+    grid = denoise.compensated_grid([0.5, 1.0], [0.0, 0.1])
+    kw = dict(key=jax.random.key(0), n_realizations=3, store=tmp_path / "g")
+    seen = []
+    a = sweeps.grid_accuracies(f, v, {"val": (x, y)}, [0.0, 5.0], grid, on_point=lambda i, r: seen.append(r), **kw)
+    b = sweeps.grid_accuracies(f, v, {"val": (x, y)}, [0.0, 5.0], grid, on_point=lambda i, r: seen.append(r), **kw)
+    assert seen == [False, False, True, True]
+    np.testing.assert_array_equal(a["val"], b["val"])
+
+
+def test_store_must_be_a_folder(tiny_problem, tmp_path):
+    f, v, x, y = tiny_problem
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidArgumentError, match="store must be a writable folder"):
+        sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
+                              estimators={"ml": denoise.ML()}, store=tmp_path / "file")
