@@ -493,17 +493,18 @@ def _derivative(fn: Callable[[Array], Array], x: Array) -> Array:
 #: (float32 cannot resolve ``f(μ + σz) − f(μ)`` for tiny σ; the expansion has no cancellation)
 _NARROW_SD = 1e-2
 #: above it Gauss–Hermite loses accuracy for steep ``f`` (sigmoid/tanh poles at distance π/σ
-#: from the real axis, in units of z); a trapezoid rule on ±8.5σ takes over
+#: from the real axis, in units of z); a trapezoid rule with as many points takes over
 _WIDE_SD = 2.0
-_TRAPEZOID_HALF_WIDTH = 8.5
+_TRAPEZOID_HALF_WIDTH = 6.0
 
 
 @lru_cache(maxsize=None)
 def _trapezoid(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Trapezoid nodes/weights on ``[-8.5, 8.5]`` with ``E[g(Z)] ≈ Σ w_k g(z_k)``, ``Z ~ N(0, 1)``.
+    """Trapezoid nodes/weights on ``[-6, 6]`` with ``E[g(Z)] ≈ Σ w_k g(z_k)``, ``Z ~ N(0, 1)``.
 
     For ``g`` analytic in the strip ``|Im z| < d`` the error is ``~exp(-2π d / h)``
-    (``h`` the spacing) — geometric even where Gauss–Hermite converges slowly.
+    (``h`` the spacing) plus the ``2·10⁻⁹`` Gaussian tail — better than Gauss–Hermite
+    with the same ``n`` when ``d`` is small (a steep ``f`` under a wide Gaussian).
     """
     z = np.linspace(-_TRAPEZOID_HALF_WIDTH, _TRAPEZOID_HALF_WIDTH, n)
     w = np.exp(-0.5 * z * z)
@@ -511,13 +512,14 @@ def _trapezoid(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rule_stats(fn, mu, sd, z, w):
-    """``E f``, centred ``Var f`` and Stein's gain ``E[Z (f(μ+σZ) − f(μ))]/σ`` for one quadrature rule."""
-    z = jnp.asarray(z, mu.dtype)
-    w = jnp.asarray(w, mu.dtype)
+    """``E f``, centred ``Var f`` and Stein's gain ``E[Z (f(μ+σZ) − f(μ))]/σ`` for a quadrature rule.
+
+    ``z``, ``w``: ``(n,)`` or per element ``(..., n)``.
+    """
     fx = fn(mu[..., None] + sd[..., None] * z)
-    ef = fx @ w
-    vf = jnp.square(fx - ef[..., None]) @ w
-    gain = ((fx - fn(mu)[..., None]) * z) @ w / sd
+    ef = jnp.sum(fx * w, axis=-1)
+    vf = jnp.sum(jnp.square(fx - ef[..., None]) * w, axis=-1)
+    gain = jnp.sum((fx - fn(mu)[..., None]) * z * w, axis=-1) / sd
     return ef, vf, gain
 
 
@@ -547,8 +549,11 @@ def _quadrature_stats(fn, mu, v, n):
     * ``σ < 10⁻²``: second-order Taylor expansion (:func:`_taylor_stats`) — float32
       quadrature cannot resolve ``f(μ + σz) − f(μ)`` there (e.g. tanh near saturation).
     * ``10⁻² ≤ σ ≤ 2``: ``n``-point Gauss–Hermite.
-    * ``σ > 2``: a ``4n + 1``-point trapezoid rule on ±8.5σ (computed only when some
-      element needs it), accurate where Gauss–Hermite converges slowly for steep ``f``.
+    * ``σ > 2``: an ``n``-point trapezoid rule on ±6σ (the nodes are chosen per
+      element, so the cost is that of one rule), accurate where Gauss–Hermite
+      converges slowly for steep ``f``: at σ = 10 the error of ``E f`` is ≈ 1·10⁻⁵
+      for sigmoid and ≈ 2·10⁻³ for tanh with n = 64 (Gauss–Hermite: 3·10⁻³, 4·10⁻²),
+      ≈ 1·10⁻⁷ and 1·10⁻⁵ with n = 128.
 
     The gain uses Stein's identity ``E f'(x) = E[(x − μ)(f(x) − f(μ))]/v`` — no
     derivative, so kinks (steps in ``f'``) cost no accuracy.
@@ -557,13 +562,10 @@ def _quadrature_stats(fn, mu, v, n):
     narrow = sd < _NARROW_SD
     wide = sd > _WIDE_SD
     sd_q = jnp.where(narrow, 1.0, sd)  # narrow elements use the expansion; keep the rule finite
-    gh = _rule_stats(fn, mu, sd_q, *_hermite(int(n)))
-
-    def with_trapezoid():
-        tr = _rule_stats(fn, mu, sd_q, *_trapezoid(4 * int(n) + 1))
-        return tuple(jnp.where(wide, a, b) for a, b in zip(tr, gh))
-
-    stats = lax.cond(jnp.any(wide), with_trapezoid, lambda: gh)
+    zh, wh = (jnp.asarray(a, mu.dtype) for a in _hermite(int(n)))
+    zt, wt = (jnp.asarray(a, mu.dtype) for a in _trapezoid(int(n)))
+    wide_ = wide[..., None]
+    stats = _rule_stats(fn, mu, sd_q, jnp.where(wide_, zt, zh), jnp.where(wide_, wt, wh))
     taylor = _taylor_stats(fn, mu, jnp.where(narrow, v, 0.0))  # masked: no inf/NaN in unused gradients
     return tuple(jnp.where(narrow, t, q) for t, q in zip(taylor, stats))
 

@@ -304,11 +304,20 @@ def _claims(per_type: dict) -> list:
             "figure": "follow-ups (Chaos 2022, 2024): mitigation",
             "measured": "best = {}: accuracy {:.4f}, recovered {}, output SNR gain {}".format(
                 best["method"], best["accuracy"], "n/a" if frac is None else f"{100 * frac:.0f} %",
-                "n/a" if best["snr_gain"] is None else f"x{best['snr_gain']:.2f}"),
+                _gain_text(best["snr_gain"])),
             "holds": bool(best["recovers_half"]),
             "note": note,
         })
     return claims
+
+
+def _gain_text(gain) -> str:
+    """``×3.79``; a gain beyond 10⁶ means the noise was removed down to float32 rounding."""
+    if gain is None:
+        return "n/a"
+    if gain > 1e6:
+        return f"×{gain:.1e} (the noise is removed down to float32 rounding)"
+    return f"×{gain:.2f}"
 
 
 def _jsonable(obj):
