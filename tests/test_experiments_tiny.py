@@ -109,8 +109,10 @@ def test_trained_mlp_snr_resumes_from_its_points(report):
     out, summary = report
     rec = summary["experiments"]["trained_mlp_snr"]
     exp = reproduce.load_experiment("trained_mlp_snr")
-    again = exp.main(exp.config("tiny"), str(out / "runs" / "trained_mlp_snr" / "work"), progress=False)
-    assert again["points_reused"] == 3
+    cfg = exp.config("tiny")
+    again = exp.main(cfg, str(out / "runs" / "trained_mlp_snr" / "work"), progress=False)
+    # the model, the per-layer SNR point and one point per (noise type, intensity) of the accuracy sweep
+    assert again["points_reused"] == 2 + 4 * len(cfg.intensities)
     for k in ("claims", "snr", "accuracy", "model", "summary"):
         assert again[k] == rec["result"][k], k
     assert (out / "runs" / "trained_mlp_snr" / "work" / "model.npz").exists()
