@@ -160,6 +160,25 @@ def test_chunk_size_invariance_is_bitwise(network):
             assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_jit_and_eager_and_repeated_runs_agree(network):
+    """The same key: the same noisy forward pass eagerly, under jit, and run twice."""
+    fn = _mixed_fn(network)
+    for key in (rng.key(3), jax.random.key(3)):  # noisejax's generator and JAX's threefry
+        eager = jax.tree_util.tree_leaves(fn(key))
+        jitted = jax.tree_util.tree_leaves(jax.jit(fn)(key))
+        again = jax.tree_util.tree_leaves(jax.jit(fn)(key))
+        for a, b, c in zip(eager, jitted, again):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+            # eager dispatch compiles op by op, jit fuses (FMA): the same draws, the sums may round
+            # differently in the last bits of their largest terms
+            b = np.asarray(b)
+            ulp = np.finfo(b.dtype).eps * np.max(np.abs(b))
+            np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=8 * ulp)
+    res = [simulate.monte_carlo(fn, rng.key(9), 100) for _ in range(2)]
+    for a, b in zip(jax.tree_util.tree_leaves(res[0]), jax.tree_util.tree_leaves(res[1])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_engine_equals_direct_vmap_statistics(network):
     fn = _mixed_fn(network)
     n = 300

@@ -30,8 +30,7 @@ def report(tmp_path_factory):
 
 
 def _require(name: str):
-    if name not in reproduce.available():
-        pytest.skip(f"experiments/{name}/ does not exist yet (config.py + run.py)")
+    assert name in reproduce.available(), f"experiments/{name}/ is missing (config.py + run.py)"
 
 
 def test_report_folder(report):
