@@ -13,6 +13,8 @@ Namespaces (imported on first use)::
     noisejax.denoise    ML / MMSE / compensated MMSE / learned weight denoisers
     noisejax.data       offline datasets and loaders for user-supplied MNIST / CIFAR-10
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
+    noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
+    noisejax.store      atomic, checksummed result files and resumable points
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _SUBMODULES = (
     "sweeps",
     "models",
     "checkpoint",
+    "store",
     "federated",
     "reproduce",
     "data",

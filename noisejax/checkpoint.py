@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -41,6 +40,7 @@ import numpy as np
 from flax import serialization
 
 from noisejax.errors import DataFormatError, InvalidArgumentError
+from noisejax.store import atomic_write_bytes  # noqa: F401  (also re-exported here)
 
 __all__ = ["MAGIC", "default_cache_dir", "config_hash", "save", "load", "cached"]
 
@@ -97,27 +97,6 @@ def save(path: PathLike, tree: PyTree, *, metadata: Optional[dict] = None) -> Pa
     atomic_write_bytes(path, blob)
     return path
 
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def load(path: PathLike, target: Optional[PyTree] = None) -> tuple[PyTree, dict]:

@@ -59,7 +59,6 @@ import hashlib
 import importlib.util
 import inspect
 import json
-import math
 import os
 import platform
 import re
@@ -71,9 +70,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 
-from noisejax.errors import DataFormatError, InvalidArgumentError
+from noisejax.errors import InvalidArgumentError
 
 __all__ = [
     "EXPERIMENTS",
@@ -122,172 +120,20 @@ _OUT_DIR_PARAMS = ("out_dir", "output_dir", "work_dir", "out")
 _RECORD_KEYS = ("format", "name", "config_name", "fingerprint", "status", "result", "figures", "wall_seconds", "cpu_seconds")
 
 
-# ----------------------------------------------------------------------------------
-# Safe files
-# ----------------------------------------------------------------------------------
-
-
-def safe_join(root: PathLike, *parts: str) -> Path:
-    """``root/parts...``, refusing anything that resolves outside ``root``.
-
-    Raises :class:`~noisejax.errors.InvalidArgumentError` for absolute parts,
-    ``..`` escapes and symlinks pointing out of ``root``.
-    """
-    base = Path(root).resolve()
-    for p in parts:
-        if not isinstance(p, str) or not p or os.path.isabs(p) or "\x00" in p:
-            raise InvalidArgumentError(f"path component {p!r} must be a non-empty relative name")
-    target = base.joinpath(*parts).resolve()
-    if target != base and base not in target.parents:
-        raise InvalidArgumentError(f"path {os.path.join(*parts)!r} escapes the folder {str(base)!r}")
-    return target
-
-from noisejax.checkpoint import atomic_write_bytes  # noqa: E402  (re-exported)
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON types from NumPy / JAX arrays, dataclasses, tuples and paths.
-
-    Non-finite floats become the strings ``"inf"``, ``"-inf"`` and ``"nan"`` (strict JSON).
-    """
-    if obj is None or isinstance(obj, (bool, str, int)):
-        return obj
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "__array__") and hasattr(obj, "shape"):
-        arr = np.asarray(obj)
-        if arr.dtype.kind in "fc":
-            arr = arr.astype(np.float64)
-        return to_jsonable(arr.tolist()) if arr.ndim else to_jsonable(arr.item())
-    return repr(obj)
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def _sha256(text: Union[str, bytes]) -> str:
-    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
-
-
-def write_checked_json(path: PathLike, payload: Any) -> Any:
-    """Atomically write ``{"sha256": ..., "payload": payload}``; returns the JSON round trip of ``payload``.
-
-    The returned value is exactly what :func:`read_checked_json` will give back, so
-    callers can use it in place of the freshly computed one (results identical
-    whether a value was computed now or loaded later).
-    """
-    plain = to_jsonable(payload)
-    body = _canonical(plain)
-    text = json.dumps({"sha256": _sha256(body), "payload": plain}, indent=1, sort_keys=True, allow_nan=False)
-    atomic_write_bytes(path, text.encode())
-    return json.loads(body)
-
-
-def atomic_write_json(path: PathLike, obj: Any, *, indent: Optional[int] = 1) -> Path:
-    """Atomically write ``obj`` as strict JSON (no checksum; for human-facing files)."""
-    return atomic_write_bytes(path, json.dumps(to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=False).encode())
-
-
-def read_checked_json(path: PathLike) -> Any:
-    """Payload of a file written by :func:`write_checked_json`, or ``None``.
-
-    ``None`` when the file is missing, unreadable, not JSON, truncated, or its
-    checksum does not match — the caller recomputes.
-    """
-    try:
-        raw = Path(path).read_bytes()
-        obj = json.loads(raw.decode())
-        payload = obj["payload"]
-        if not isinstance(obj.get("sha256"), str) or _sha256(_canonical(payload)) != obj["sha256"]:
-            return None
-        return payload
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        return None
-
-
-def fingerprint(obj: Any) -> str:
-    """Short SHA-256 of the canonical JSON of ``obj`` (a config, a point's parameters...)."""
-    return _sha256(_canonical(obj))[:16]
-
-
-def cached_point(directory: PathLike, name: str, compute: Callable[[], Any], *, key: Any = None) -> tuple[Any, bool]:
-    """Load the finished sweep point ``directory/name.json`` or compute and store it.
-
-    Args:
-      directory: the experiment's points folder.
-      name: file stem (letters, digits, ``_.-``); must stay inside ``directory``.
-      compute: ``() -> JSON-able value`` (arrays are converted to lists).
-      key: anything JSON-able describing the point's inputs; a stored point with
-        another key (or a bad checksum) is recomputed.
-
-    Returns:
-      ``(value, reused)`` — ``value`` is the JSON round trip in both cases.
-    """
-    path = safe_join(directory, f"{name}.json")
-    want = fingerprint(key)
-    stored = read_checked_json(path)
-    if isinstance(stored, dict) and stored.get("key") == want and "value" in stored:
-        return stored["value"], True
-    value = compute()
-    out = write_checked_json(path, {"key": want, "value": value})
-    return out["value"], False
-
-
-def save_arrays(path: PathLike, arrays: dict, *, key: Any = None) -> Path:
-    """Atomically save named arrays as ``.npz`` (no pickle) with a checksum and a ``key``."""
-    import io
-
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
-    for k, v in arrays.items():
-        if v.dtype == object:
-            raise InvalidArgumentError(f"save_arrays: array {k!r} has dtype object; only numeric arrays are stored")
-    digest = _arrays_digest(arrays)
-    meta = json.dumps({"key": fingerprint(key), "sha256": digest})
-    buf = io.BytesIO()
-    np.savez(buf, __meta__=np.array(meta), **arrays)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def load_arrays(path: PathLike, *, key: Any = None) -> Optional[dict]:
-    """Arrays saved by :func:`save_arrays` with the same ``key``, or ``None`` (missing, corrupted, other key)."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as z:
-            meta = json.loads(str(z["__meta__"]))
-            arrays = {k: np.array(z[k]) for k in z.files if k != "__meta__"}
-    except Exception:  # zip / CRC / JSON / key errors: never trust the file
-        return None
-    if meta.get("key") != fingerprint(key) or meta.get("sha256") != _arrays_digest(arrays):
-        return None
-    return arrays
-
-
-def _arrays_digest(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        v = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}|{v.dtype.str}|{v.shape}|".encode())
-        h.update(v.tobytes())
-    return h.hexdigest()
-
-
-def _file_sha(path: Path) -> Optional[str]:
-    try:
-        return _sha256(path.read_bytes())
-    except OSError:
-        return None
+from noisejax.store import (  # noqa: E402  (re-exported: experiments import them from here)
+    _file_sha,
+    _sha256,
+    atomic_write_bytes,
+    atomic_write_json,
+    cached_point,
+    fingerprint,
+    load_arrays,
+    read_checked_json,
+    safe_join,
+    save_arrays,
+    to_jsonable,
+    write_checked_json,
+)
 
 
 # ----------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import numpy as np
 
 from noisejax import _validate
 from noisejax import noise as _noise
-from noisejax import reproduce as _files
+from noisejax import store as _files
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
