@@ -30,7 +30,8 @@ Report folder layout (``--out``, default ``./noisejax-report``)::
     runs/NAME/error.log    traceback of a failed run
 
 Resuming: an experiment whose ``record.json`` parses, has a valid checksum, the
-same configuration fingerprint (config values and the experiment's source files)
+same configuration fingerprint (config values, the experiment's source files and the
+``noisejax`` package's sources)
 and intact figures is reused, not recomputed (``--force`` recomputes).  Every file
 is written atomically (temporary file in the same folder, ``fsync``, ``os.replace``),
 so a killed run leaves either the old file or the new one; a corrupted or partial
@@ -126,6 +127,7 @@ from noisejax.store import (  # noqa: E402  (re-exported: experiments import the
     atomic_write_bytes,
     atomic_write_json,
     cached_point,
+    code_digest,
     fingerprint,
     load_arrays,
     read_checked_json,
@@ -404,7 +406,8 @@ def _run_one(name: str, *, out: Path, config_name: str, force: bool, data_dir: O
     try:
         exp = load_experiment(name, base)
         config = get_config(exp, config_name)
-        fp = fingerprint({"config": config, "sources": _sources_digest(exp.path), "data_dir": data_dir})
+        fp = fingerprint({"config": config, "sources": _sources_digest(exp.path), "library": code_digest(),
+                          "data_dir": data_dir})
     except Exception as e:  # a broken experiment folder: report it, go on
         return _failed(name, run_dir, e, 0.0, 0.0, "import")
     if not force:

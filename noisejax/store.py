@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ __all__ = [
     "safe_join",
     "to_jsonable",
     "fingerprint",
+    "code_digest",
     "write_checked_json",
     "read_checked_json",
     "cached_point",
@@ -166,6 +168,21 @@ def fingerprint(obj: Any) -> str:
     return _sha256(_canonical(obj))[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Short SHA-256 of the installed ``noisejax`` package's source files.
+
+    Part of every stored point's key (and of the report's fingerprints), so results
+    computed by another version of the library are recomputed, never reused.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cached_point(directory: PathLike, name: str, compute: Callable[[], Any], *, key: Any = None) -> tuple[Any, bool]:
     """Load the finished sweep point ``directory/name.json`` or compute and store it.
 
@@ -174,13 +191,14 @@ def cached_point(directory: PathLike, name: str, compute: Callable[[], Any], *, 
       name: file stem (letters, digits, ``_.-``); must stay inside ``directory``.
       compute: ``() -> JSON-able value`` (arrays are converted to lists).
       key: anything JSON-able describing the point's inputs; a stored point with
-        another key (or a bad checksum) is recomputed.
+        another key, another library version (:func:`code_digest`) or a bad checksum
+        is recomputed.
 
     Returns:
       ``(value, reused)`` — ``value`` is the JSON round trip in both cases.
     """
     path = safe_join(directory, f"{name}.json")
-    want = fingerprint(key)
+    want = fingerprint({"key": key, "library": code_digest()})
     stored = read_checked_json(path)
     if isinstance(stored, dict) and stored.get("key") == want and "value" in stored:
         return stored["value"], True

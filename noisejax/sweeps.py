@@ -144,7 +144,7 @@ class _PointStore:
                 os.makedirs(self.folder, exist_ok=True)
             except (TypeError, OSError) as e:
                 raise InvalidArgumentError(f"store must be a writable folder, got {folder!r} ({e})") from None
-        self.ident = ident
+        self.ident = {**ident, "library": _files.code_digest()} if folder is not None else ident
         self.reused = 0
 
     def get_or_compute(self, i: int, point_ident: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:

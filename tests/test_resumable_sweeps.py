@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from noisejax import denoise, sweeps
+from noisejax import denoise, store, sweeps
 from noisejax.errors import InvalidArgumentError
 
 _DRIVER = textwrap.dedent(
@@ -154,3 +154,19 @@ def test_store_must_be_a_folder(tiny_problem, tmp_path):
     with pytest.raises(InvalidArgumentError, match="store must be a writable folder"):
         sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
                               estimators={"ml": denoise.ML()}, store=tmp_path / "file")
+
+
+def test_points_of_another_library_version_are_recomputed(tiny_problem, tmp_path, monkeypatch):
+    f, v, x, y = tiny_problem
+    kw = dict(key=jax.random.key(0), n_realizations=2, estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 0
+    assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 1
+    calls = []
+    compute = lambda: calls.append(1) or {"acc": 0.5}  # noqa: E731
+    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    assert len(calls) == 1
+    monkeypatch.setattr(store, "code_digest", lambda: "another-version")
+    assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 0
+    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    assert len(calls) == 2
