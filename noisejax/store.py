@@ -10,7 +10,9 @@ report), which re-exports these names.
   canonical form; a missing, truncated or corrupted file reads as ``None``.
 * :func:`save_arrays` / :func:`load_arrays` — ``.npz`` (``allow_pickle=False``) with a
   checksum and a key fingerprint; anything that does not verify reads as ``None``.
-* :func:`cached_point` — load a finished sweep point or compute and store it.
+* :func:`cached_point` — load a finished sweep point or compute and store it;
+  :class:`PointStore` the same for numbered array points (the resumable sweeps).
+* :func:`tree_digest` — SHA-256 of a pytree's structure and leaves (a point's inputs).
 * :func:`safe_join` — a path inside a folder, refusing escapes.
 
 Example::
@@ -27,10 +29,13 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from noisejax.errors import InvalidArgumentError
@@ -47,6 +52,8 @@ __all__ = [
     "cached_point",
     "save_arrays",
     "load_arrays",
+    "tree_digest",
+    "PointStore",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -249,3 +256,51 @@ def _file_sha(path: Path) -> Optional[str]:
         return _sha256(path.read_bytes())
     except OSError:
         return None
+
+
+def tree_digest(tree: Any) -> str:
+    """SHA-256 of a pytree's structure and leaf bytes (PRNG keys by their implementation and key data)."""
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    # static fields may hold functions: drop their memory addresses, which change per process
+    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef)).encode())
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            h.update(str(jax.random.key_impl(leaf)).encode())
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class PointStore:
+    """Atomic per-point files ``point-IIII.npz`` in ``folder``, keyed by ``ident`` + the point's own identity.
+
+    ``folder=None`` stores nothing (every point is computed).  Used by the resumable
+    sweeps of :mod:`noisejax.sweeps`; ``reused`` counts the points loaded.
+    """
+
+    def __init__(self, folder: Optional[Any], ident: dict):
+        self.folder = None
+        if folder is not None:
+            try:
+                self.folder = os.fspath(folder)
+                os.makedirs(self.folder, exist_ok=True)
+            except (TypeError, OSError) as e:
+                raise InvalidArgumentError(f"store must be a writable folder, got {folder!r} ({e})") from None
+        self.ident = {**ident, "library": code_digest()} if folder is not None else ident
+        self.reused = 0
+
+    def get_or_compute(self, i: int, point_ident: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
+        if self.folder is None:
+            return compute(), False
+        path = safe_join(self.folder, f"point-{i:04d}.npz")
+        key = {**self.ident, **point_ident, "index": i}
+        stored = load_arrays(path, key=key)
+        if stored is not None:
+            self.reused += 1
+            return stored, True
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        save_arrays(path, arrays, key=key)
+        return arrays, False

@@ -35,10 +35,7 @@ Example::
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
-import os
-import re
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -117,50 +114,6 @@ def _realization_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
 
 
-def _tree_digest(tree: Any) -> str:
-    """SHA-256 of a pytree's structure and leaf bytes (keys by their key data)."""
-    h = hashlib.sha256()
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    # static fields may hold functions: drop their memory addresses, which change per process
-    h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(treedef)).encode())
-    for leaf in leaves:
-        if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            h.update(str(jax.random.key_impl(leaf)).encode())
-            leaf = jax.random.key_data(leaf)
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-class _PointStore:
-    """Atomic per-point files ``point-IIII.npz`` in ``folder`` (see the module docstring)."""
-
-    def __init__(self, folder: Optional[Any], ident: dict):
-        self.folder = None
-        if folder is not None:
-            try:
-                self.folder = os.fspath(folder)
-                os.makedirs(self.folder, exist_ok=True)
-            except (TypeError, OSError) as e:
-                raise InvalidArgumentError(f"store must be a writable folder, got {folder!r} ({e})") from None
-        self.ident = {**ident, "library": _files.code_digest()} if folder is not None else ident
-        self.reused = 0
-
-    def get_or_compute(self, i: int, point_ident: dict, compute: Callable[[], dict]) -> tuple[dict, bool]:
-        if self.folder is None:
-            return compute(), False
-        path = _files.safe_join(self.folder, f"point-{i:04d}.npz")
-        key = {**self.ident, **point_ident, "index": i}
-        stored = _files.load_arrays(path, key=key)
-        if stored is not None:
-            self.reused += 1
-            return stored, True
-        arrays = {k: np.asarray(v) for k, v in compute().items()}
-        _files.save_arrays(path, arrays, key=key)
-        return arrays, False
-
-
 def _check_data(x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
     x, y = jnp.asarray(x), jnp.asarray(y)
     if x.shape[0] != y.shape[0]:
@@ -231,9 +184,9 @@ def accuracy_sweep(
 
     keys = _realization_keys(key, n_realizations)
     t0 = time.perf_counter()
-    points = _PointStore(store, {} if store is None else {
+    points = _files.PointStore(store, {} if store is None else {
         "kind": "accuracy_sweep", "names": names, "R": n_realizations, "reference": reference, "scope": scope,
-        "data": _tree_digest((variables, x, y, key)), "store_key": store_key,
+        "data": _files.tree_digest((variables, x, y, key)), "store_key": store_key,
     })
     rows = []
     iterator = enumerate(grid)
@@ -243,7 +196,7 @@ def accuracy_sweep(
         iterator = tqdm(iterator, total=len(grid), desc="WNR sweep", leave=False)
     for i, w in iterator:
         ests = [per_point[n][i] for n in names]
-        ident = {} if store is None else {"wnr_db": float(w), "estimators": _tree_digest(ests)}
+        ident = {} if store is None else {"wnr_db": float(w), "estimators": _files.tree_digest(ests)}
         arrays, reused = points.get_or_compute(
             i, ident, lambda: {"acc": point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)}
         )
@@ -296,9 +249,9 @@ def grid_accuracies(
 
     _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
     keys = _realization_keys(key, n_realizations)
-    points = _PointStore(store, {} if store is None else {
+    points = _files.PointStore(store, {} if store is None else {
         "kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
-        "data": _tree_digest((variables, arrays, grid, key)), "store_key": store_key,
+        "data": _files.tree_digest((variables, arrays, grid, key)), "store_key": store_key,
     })
     rows = []
     for i, w in enumerate(np.asarray(wnr_db, dtype=float)):
