@@ -89,10 +89,14 @@ def _as_array(name: str, value: Any) -> np.ndarray:
         raise InvalidArgumentError(f"{name} must be a number or an array of numbers, got {type(value).__name__}") from None
 
 
-def check_input(name: str, x: Any, features: int | None = None, *, what: str = "the layer's W") -> None:
-    """Raise unless ``x`` is a floating-point array (finite when concrete) whose last axis has ``features``.
+def check_input(name: str, x: Any, features: int | None = None, *, what: str = "the layer's W",
+                finite: bool = True) -> None:
+    """Raise unless ``x`` is a floating-point array whose last axis has ``features`` (and, with
+    ``finite``, holds only finite numbers when concrete).
 
-    The dtype and shape checks are static, so they also run under ``jit``/``vmap``.
+    The dtype and shape checks are static, so they also run under ``jit``/``vmap``; the
+    finiteness check reads the values (a device-to-host copy), so layers leave it to the
+    network's entry point.
     """
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -105,7 +109,8 @@ def check_input(name: str, x: Any, features: int | None = None, *, what: str = "
         raise ShapeMismatchError(
             f"{name} has {shape[-1] if shape else 0} features on its last axis; {what} expects {features}"
         )
-    check_finite(name, x)
+    if finite:
+        check_finite(name, x)
 
 
 def _short(arr: np.ndarray) -> str:

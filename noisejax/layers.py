@@ -109,7 +109,7 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
         return tuple(in_shape[:-1]) + (out_dim,), params
 
     def apply(params, x, *, key=None, noise=None):
-        _validate.check_input("x", x, params["W"].shape[0])
+        _validate.check_input("x", x, params["W"].shape[0], finite=False)  # static checks only
         y = x @ params["W"]
         if "b" in params:
             y = y + params["b"]
@@ -363,6 +363,7 @@ def serial(*layers: Layer) -> Layer:
 
     def apply(params, x, *, key=None, noise=None, return_layers=False):
         _check_params(params)
+        _validate.check_finite("x", x)  # concrete inputs only (eager calls); skipped under jit
         outs = []
         for i, (layer, p, nz) in enumerate(zip(layers, params, split_noise(noise, counts))):
             x = layer.apply(p, x, key=_child_key(key, i), noise=nz)
