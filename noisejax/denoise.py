@@ -43,6 +43,19 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   ``t_j`` are side information (``C`` numbers per layer, like a bias), set from the
   clean weights by :func:`retarget`.
 
+  The blind counterpart (``init_learned(..., common_mode=True)``) needs no clean
+  number: the components ``c̃_j = û·w̃_j`` are shrunk towards their layer mean with
+  the Gaussian-prior MMSE gain estimated across the ``C`` channels, raised to a
+  learned WNR-conditioned exponent (see :func:`common_mode`)::
+
+      ĉ_j = mean(c̃) + g^(e_0 + e_1·τ)·(c̃_j − mean(c̃)),   g = max(var(c̃) − σ², 0)/var(c̃)
+
+* :func:`common_mode` — that blind common-mode MMSE alone (direction ``1/√F`` or
+  given), with no learned coefficient.  Noise along a unit direction has variance
+  ``σ²`` whatever the direction, while trained layers fed by non-negative inputs
+  have similar mean pre-activations across neurons, so the common mode is where
+  a prior across channels removes most noise.
+
 Frozen dataclass pytrees wrap them with a common call ``est(noisy, noise_power,
 wnr_db=...)``; :func:`estimator` looks one up by name.
 
@@ -83,6 +96,9 @@ __all__ = [
     "MMSE",
     "CompensatedMMSE",
     "compensated_grid",
+    "common_mode",
+    "CommonModeMMSE",
+    "Recalibrated",
     "LearnedDenoiser",
     "init_learned",
     "retarget",
@@ -362,6 +378,111 @@ def compensated_grid(
 
 
 # ----------------------------------------------------------------------------------
+# blind common-mode MMSE, batch-statistics re-estimation
+# ----------------------------------------------------------------------------------
+
+
+def _unit(u: Array) -> Array:
+    return u / jnp.sqrt(jnp.maximum(jnp.sum(u * u), 1e-30))
+
+
+def _common_mode_shrink(w: Array, p: Array, u: Array, exponent: Any = 1.0) -> Array:
+    """Shrink each output channel's component along ``u`` towards the layer mean.
+
+    ``w`` is viewed as ``(F, C)``; ``c̃ = û·w̃_j``; ``ĉ_j = m + g^e·(c̃_j − m)`` with
+    ``m = mean(c̃)``, ``g = max(var(c̃) − p, 0)/var(c̃)``; ``w̃_j += (ĉ_j − c̃_j)·û``.
+    """
+    shape = w.shape
+    w2 = w.reshape(-1, shape[-1])
+    uu = _unit(u.astype(w2.dtype))
+    c = uu @ w2
+    m, v = jnp.mean(c), jnp.var(c)
+    g = jnp.clip(_safe_div(v - p, v), _MIN_GAIN, 1.0)
+    c_hat = m + jnp.exp(exponent * jnp.log(g)) * (c - m)
+    return (w2 + uu[:, None] * (c_hat - c)[None, :]).reshape(shape)
+
+
+def common_mode(
+    noisy: PyTree,
+    noise_power: Any,
+    *,
+    directions: Optional[Sequence[Optional[Array]]] = None,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+) -> PyTree:
+    """Blind MMSE of every output channel's common-mode component (no side information).
+
+    For each selected leaf with two or more dimensions, viewed as ``(F, C)`` (fan-in ×
+    output channels, flax layout), the components ``c̃_j = û·w̃_j`` along a unit
+    direction ``û`` (default ``1/√F``) are ``c_j + n_j`` with ``n_j ~ N(0, σ²)``.  A
+    Gaussian prior across the ``C`` channels, estimated from the noisy components
+    themselves, gives the posterior mean::
+
+        ĉ_j = m + g·(c̃_j − m),   m = mean_j c̃_j,   g = max(var_j c̃_j − σ², 0)/var_j c̃_j
+        ŵ_j = w̃_j + (ĉ_j − c̃_j)·û
+
+    Components orthogonal to ``û`` and leaves with fewer than two dimensions are
+    left as they are (ML).  Args: ``directions`` — ``None`` or one entry per leaf of
+    ``noisy`` (``None`` for the default direction, else an ``(F,)`` array).
+
+    Example::
+
+        >>> hat = denoise.common_mode(noisy, noise.noise_power(params, 0.0))
+    """
+    leaves = jax.tree_util.tree_leaves(noisy)
+    if directions is not None and len(directions) != len(leaves):
+        raise ShapeMismatchError(f"directions has {len(directions)} entries, the parameters have {len(leaves)} leaves")
+
+    def fn(w, p, k):
+        if w.ndim < 2:
+            return w
+        f_in = int(np.prod(w.shape[:-1]))
+        u = directions[k] if directions is not None and directions[k] is not None else jnp.ones((f_in,), w.dtype)
+        if u.shape != (f_in,):
+            raise ShapeMismatchError(f"direction of leaf {k} has shape {u.shape}, expected ({f_in},)")
+        return _common_mode_shrink(w, p, u).astype(w.dtype)
+
+    return _map_groups(fn, noisy, noise_power, leaf_filter)
+
+
+@struct.dataclass
+class CommonModeMMSE:
+    """:func:`common_mode` as an estimator object (``directions`` are pytree leaves)."""
+
+    directions: Optional[tuple] = None
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="common_mode")
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        return common_mode(noisy, noise_power, directions=self.directions, leaf_filter=self.leaf_filter)
+
+
+@struct.dataclass
+class Recalibrated:
+    """Another estimator followed by a re-estimation of the model's normalization statistics.
+
+    ``Recalibrated(base, recalibrate, data)(noisy, σ², wnr_db=w)`` is
+    ``recalibrate(base(noisy, σ², wnr_db=w), data)``, e.g. with
+    ``recalibrate = functools.partial(noisejax.flax.recalibrate_batch_stats, module)``
+    and ``data`` unlabeled calibration inputs: BatchNorm running statistics are
+    recomputed for the *denoised* weights, so each channel is re-centred and
+    re-scaled by what the noise did to it.  The noise-free scale and bias of the
+    normalization are kept (and the stored running statistics are not needed).
+    ``recalibrate`` is static (hashable, e.g. a ``functools.partial`` of a linen
+    module); ``data`` and ``base`` are pytree nodes.
+    """
+
+    base: Any
+    data: Any
+    recalibrate: Callable[[PyTree, Any], PyTree] = struct.field(pytree_node=False, default=None)
+    name: str = struct.field(pytree_node=False, default="recalibrated")
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        if self.recalibrate is None:
+            raise InvalidArgumentError("Recalibrated needs recalibrate= (e.g. noisejax.flax.recalibrate_batch_stats)")
+        return self.recalibrate(self.base(noisy, noise_power, wnr_db=wnr_db), self.data)
+
+
+# ----------------------------------------------------------------------------------
 # learned denoiser
 # ----------------------------------------------------------------------------------
 
@@ -373,7 +494,8 @@ class LearnedDenoiser:
     Attributes:
       coef: tuple with one entry per parameter leaf: ``None`` (not denoised) or a dict
         ``{"mmse_exponent": (G, 2), "log_scale": (G, 4), "shift": (G, 4)}`` (``G`` groups),
-        plus ``"direction": (F,)`` and ``"target": (C,)`` for the optional projection.
+        plus ``"direction": (F,)`` and ``"target": (C,)`` for the optional projection, or
+        ``"cm_direction": (F,)`` and ``"cm_exponent": (2,)`` for the blind common mode.
       wnr_center, wnr_half_width: static normalization ``τ = (WNR − center)/half_width``.
       per_channel, leaf_filter: static grouping and leaf choice.
       bound: static soft bound ``B`` (tanh) on ``log a`` and ``c``: ``log a = B·tanh(A·φ/B)``,
@@ -418,6 +540,10 @@ class LearnedDenoiser:
                 return w
             if "direction" in c:
                 w = _project(w, c["direction"], c["target"])
+            if "cm_direction" in c:  # blind common-mode MMSE with a learned, WNR-conditioned exponent
+                tau_cm = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
+                expo_cm = c["cm_exponent"][0] + c["cm_exponent"][1] * tau_cm
+                w = _common_mode_shrink(w, p, c["cm_direction"], expo_cm)
             m, v = group_stats(w, per_channel=self.per_channel)
             nu = jnp.clip(_safe_div(p, v), 0.0, 1.0)  # fraction of noise in the observed variance
             phi = self.features(wnr_db, nu.reshape(-1))  # (G, 4)
@@ -476,6 +602,7 @@ def init_learned(
     leaf_filter: LeafFilter = _noise.default_leaf_filter,
     mmse_exponent: float = 0.0,
     projection: bool = False,
+    common_mode: bool = False,
 ) -> LearnedDenoiser:
     """A :class:`LearnedDenoiser` for trees shaped like ``params``.
 
@@ -483,8 +610,12 @@ def init_learned(
     ``s_g0 = mmse_exponent`` (``1.0`` starts at the no-side-information MMSE).  With
     ``projection=True`` leaves with two or more dimensions also get a common-mode
     projection (direction ``u = 1/√F``, targets ``u·w_j`` from ``params``, which must
-    then be the *clean* parameters).
+    then be the *clean* parameters).  With ``common_mode=True`` they get the blind
+    common-mode MMSE instead (direction ``u = 1/√F``, exponent ``1 + 0·τ``: training
+    starts at :func:`common_mode`), which uses no clean number.
     """
+    if projection and common_mode:
+        raise InvalidArgumentError("init_learned: choose projection=True (side information) or common_mode=True (blind), not both")
     lo, hi = (float(x) for x in wnr_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise InvalidArgumentError(f"wnr_range must be (low, high) with high > low, got {wnr_range!r}")
@@ -500,6 +631,10 @@ def init_learned(
                 u = jnp.full((w2.shape[0],), 1.0 / math.sqrt(w2.shape[0]), zeros.dtype)
                 entry["direction"] = u
                 entry["target"] = u @ w2  # the clean weights' component along u (side information)
+            if common_mode and leaf.ndim >= 2:
+                f_in = int(np.prod(leaf.shape[:-1]))
+                entry["cm_direction"] = jnp.full((f_in,), 1.0 / math.sqrt(f_in), zeros.dtype)
+                entry["cm_exponent"] = jnp.array([1.0, 0.0], zeros.dtype)
             coef.append(entry)
         else:
             coef.append(None)
@@ -611,12 +746,19 @@ def train_learned(
 # lookup
 # ----------------------------------------------------------------------------------
 
-ESTIMATORS = {"ml": ML, "mmse": MMSE, "compensated": CompensatedMMSE, "learned": LearnedDenoiser}
+ESTIMATORS = {
+    "ml": ML,
+    "mmse": MMSE,
+    "compensated": CompensatedMMSE,
+    "common_mode": CommonModeMMSE,
+    "learned": LearnedDenoiser,
+}
 
 
 def estimator(name: str, **kwargs: Any):
     """Build an estimator by name: ``ml``, ``mmse``, ``mmse_side`` (needs ``prior=``),
-    ``compensated`` (``lam=``, ``beta=``) or ``learned`` (needs ``coef=``, see :func:`init_learned`).
+    ``compensated`` (``lam=``, ``beta=``), ``common_mode`` (optional ``directions=``) or
+    ``learned`` (needs ``coef=``, see :func:`init_learned`).
 
     Example::
 

@@ -28,6 +28,10 @@ of each example (or over ``NeuronNoise.correlated_axes`` of them), uncorrelated
 draws are independent per element — the per-example convention of
 :func:`noisejax.layers.apply_batch`.
 
+Normalization statistics: :func:`recalibrate_batch_stats` recomputes every linen
+``BatchNorm``'s running mean and variance on calibration inputs for the weights at
+hand (e.g. noisy or denoised ones), keeping its noise-free scale and bias.
+
 Weight noise: :func:`add_weight_noise_linen` / :func:`perturb_weights_linen`
 perturb ``variables["params"]`` and leave other collections (``batch_stats``...)
 untouched; :func:`add_weight_noise_nnx` / :func:`perturb_weights_nnx` return a
@@ -77,6 +81,7 @@ __all__ = [
     "perturb_weights_linen",
     "add_weight_noise_nnx",
     "perturb_weights_nnx",
+    "recalibrate_batch_stats",
 ]
 
 Array = jax.Array
@@ -502,3 +507,82 @@ def add_weight_noise_nnx(
         variable_type,
         lambda params: _noise.add_weight_noise(params, wnr_db, key=key, reference=reference, scope=scope, leaf_filter=leaf_filter),
     )
+
+
+# ----------------------------------------------------------------------------------
+# BatchNorm statistics re-estimation
+# ----------------------------------------------------------------------------------
+
+
+def _bn_axes(ndim: int, axis: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    feature = tuple(a % ndim for a in ((axis,) if isinstance(axis, int) else axis))
+    return feature, tuple(i for i in range(ndim) if i not in feature)
+
+
+def recalibrate_batch_stats(module: nn.Module, variables: PyTree, x: Any, **apply_kwargs: Any) -> PyTree:
+    """Re-estimate every ``nn.BatchNorm``'s running statistics on inputs ``x``.
+
+    One forward pass of ``module.apply(variables, x, **apply_kwargs)`` in which each
+    BatchNorm normalizes with the statistics of its own input over ``x``::
+
+        μ_c = mean(h_c),   σ_c² = mean((h_c − μ_c)²),   y_c = γ_c·(h_c − μ_c)/√(σ_c² + ε) + β_c
+
+    (reduction over every axis but the feature axes), so later layers see
+    recalibrated activations; the returned variables carry these ``μ, σ²`` as
+    ``batch_stats`` and are otherwise ``variables``.  ``γ, β`` stay as they are.
+    After weight noise this re-centres and re-scales each channel by what the noise
+    did to it (unlabeled calibration data suffices).  Pure and traceable: ``jit`` and
+    ``vmap`` over noise realizations work.  Statistics are per host (no ``axis_name``
+    reduction); masked BatchNorm calls are not supported.
+
+    Args:
+      module: a linen module containing ``nn.BatchNorm`` layers.
+      variables: its variables, with a ``"batch_stats"`` collection.
+      x: calibration inputs ``(N, ...)``.
+      apply_kwargs: passed to ``module.apply`` (e.g. ``train=False``).
+
+    Example::
+
+        >>> noisy = add_weight_noise_linen(variables, 10.0, key=jax.random.key(0))
+        >>> fixed = recalibrate_batch_stats(model, noisy, x_calibration)
+        >>> model.apply(fixed, x_test)
+    """
+    if not isinstance(module, nn.Module):
+        raise InvalidArgumentError(f"module must be a flax.linen.Module, got {type(module).__name__}")
+    stats = _linen_collection(variables, "batch_stats")
+    records: dict = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        m = context.module
+        if not (isinstance(m, nn.BatchNorm) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        if kwargs.get("mask") is not None:
+            raise InvalidArgumentError(f"recalibrate_batch_stats: masked BatchNorm at {'/'.join(m.path)} is not supported")
+        h = jnp.asarray(args[0])
+        feature, red = _bn_axes(h.ndim, m.axis)
+        hf = h.astype(jnp.promote_types(h.dtype, jnp.float32))
+        mean = jnp.mean(hf, axis=red, keepdims=True)
+        var = jnp.mean(jnp.square(hf - mean), axis=red, keepdims=True)
+        y = (hf - mean) * jax.lax.rsqrt(var + m.epsilon)
+        fshape = tuple(h.shape[a] for a in feature)
+        bshape = tuple(h.shape[i] if i in feature else 1 for i in range(h.ndim))
+        if m.use_scale:
+            y = y * m.get_variable("params", "scale").reshape(bshape)
+        if m.use_bias:
+            y = y + m.get_variable("params", "bias").reshape(bshape)
+        records[tuple(m.path)] = {"mean": mean.reshape(fshape), "var": var.reshape(fshape)}
+        return y.astype(m.dtype or h.dtype)
+
+    with nn.intercept_methods(interceptor):
+        module.apply(variables, x, **apply_kwargs)
+    if not records:
+        raise InvalidArgumentError("recalibrate_batch_stats: the model called no nn.BatchNorm layer")
+
+    def replace(path, leaf):
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        rec = records.get(names[:-1])
+        if rec is None or names[-1] not in rec:
+            return leaf
+        return rec[names[-1]].astype(leaf.dtype).reshape(leaf.shape)
+
+    return _replace_collection(variables, "batch_stats", jax.tree_util.tree_map_with_path(replace, stats))

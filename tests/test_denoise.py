@@ -243,6 +243,63 @@ def test_projection_restores_the_common_mode_exactly(tree):
                                   np.asarray(noisy["params"]["Dense_0"]["bias"]))  # 1-D leaves: no projection
 
 
+def _common_mode_case(seed=13, f_in=50, c=20_000, mu=1.5, tau2=0.3, p=0.4):
+    """Weights whose components along u = 1/√F are N(μ, τ²) across channels, plus i.i.d. noise of power p."""
+    rng = np.random.default_rng(seed)
+    u = np.ones(f_in) / math.sqrt(f_in)
+    rest = rng.standard_normal((f_in, c))
+    rest -= np.outer(u, u @ rest)  # orthogonal to u
+    comp = mu + math.sqrt(tau2) * rng.standard_normal(c)
+    w = rest + np.outer(u, comp)
+    wt = w + math.sqrt(p) * rng.standard_normal((f_in, c))
+    return u, w, wt, comp, p, tau2
+
+
+def test_common_mode_is_the_posterior_mean_of_the_common_mode():
+    u, w, wt, comp, p, tau2 = _common_mode_case()
+    c = wt.shape[1]
+    bias = np.arange(c, dtype=np.float32)
+    hat = denoise.common_mode({"kernel": jnp.asarray(wt, jnp.float32), "bias": jnp.asarray(bias)}, p)
+    wh = np.asarray(hat["kernel"], np.float64)
+    np.testing.assert_array_equal(np.asarray(hat["bias"]), bias)  # 1-D leaves: untouched
+    corr = wh - wt
+    np.testing.assert_allclose(corr, np.outer(u, u @ corr), atol=2e-5)  # only the component along u moves
+    ct, ch = u @ wt, u @ wh
+    slope, intercept = np.polyfit(ct, ch, 1)
+    theta = tau2 / (tau2 + p)  # posterior-mean gain of N(μ, τ²) observed through N(0, p)
+    V = tau2 + p
+    tol = 5 * (p / V) * math.sqrt(2 / (c - 1))
+    assert abs(slope - theta) < tol, (slope, theta, tol)
+    assert abs(intercept - ct.mean() * (1 - theta)) < 5 * math.sqrt(V / c) + abs(ct.mean()) * tol
+    bayes = tau2 * p / (tau2 + p)  # posterior MSE of the common mode, vs p for ML
+    mse = np.mean((ch - comp) ** 2)
+    assert abs(mse - bayes) < 5 * bayes * math.sqrt(2 / c) + 2 * tol * V, (mse, bayes)
+    assert np.mean((ct - comp) ** 2) > 1.5 * mse
+
+
+def test_common_mode_directions_estimator_and_learned_start():
+    u, w, wt, comp, p, tau2 = _common_mode_case(c=400)
+    tree = {"kernel": jnp.asarray(wt, jnp.float32)}
+    base = np.asarray(denoise.common_mode(tree, p)["kernel"])
+    # a given direction (scaled) is normalized; the estimator object and the lookup agree
+    np.testing.assert_allclose(np.asarray(denoise.common_mode(tree, p, directions=[jnp.asarray(3 * u)])["kernel"]),
+                               base, rtol=1e-5, atol=1e-5)
+    est = denoise.estimator("common_mode")
+    np.testing.assert_array_equal(np.asarray(est(tree, p)["kernel"]), base)
+    # the learned denoiser with common_mode=True starts exactly at it (exponent 1, affine part zero)
+    den = denoise.init_learned(tree, common_mode=True)
+    np.testing.assert_allclose(np.asarray(den(tree, p, wnr_db=0.0)["kernel"]), base, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        denoise.init_learned(tree, common_mode=True, projection=True)
+    with pytest.raises(Exception, match="direction"):
+        denoise.common_mode(tree, p, directions=[jnp.ones(7)])
+    # no channel spread above the noise: every channel gets the layer's mean common mode
+    flat = {"kernel": jnp.asarray(np.outer(u, np.full(400, 2.0)) + 0.01 * np.asarray(wt - w), jnp.float32)}
+    out = np.asarray(denoise.common_mode(flat, 1.0)["kernel"], np.float64)
+    cm = u @ out
+    assert np.ptp(cm) < 1e-3 * abs(cm.mean()), np.ptp(cm)
+
+
 def test_learned_gradient_finite_and_training_lowers_objective(tiny_model):
     cfg, variables, ds, _ = tiny_model
     f = models.logits_fn(cfg)

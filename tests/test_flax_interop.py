@@ -536,3 +536,92 @@ def test_bad_input(linen_probe, nnx_probe, x):
         assert needle in str(info.value), (name, str(info.value))
         assert "\n" not in str(info.value), name
     assert type(nnx_probe.t0) is nnx.Linear  # a failed context left the model intact
+
+
+# ----------------------------------------------------------------------------------
+# BatchNorm statistics re-estimation
+# ----------------------------------------------------------------------------------
+
+
+class _BNNet(nn.Module):
+    """Dense → BN → relu → Dense → BN (features on the last axis), for recalibration tests."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(6, use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        x = nn.Dense(4)(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3)(x)
+
+
+def test_recalibrate_batch_stats_equals_training_mode_statistics():
+    model = _BNNet()
+    rng = np.random.default_rng(21)
+    x = jnp.asarray(rng.standard_normal((256, 5)) * 2 + 1, jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    params = jax.tree_util.tree_map(  # non-trivial scale/bias so the second layer's input depends on them
+        lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype) * 0.5 + (1.0 if a.ndim == 1 else 0.0),
+        variables["params"])
+    variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    fixed = jax.jit(lambda v, x: njf.recalibrate_batch_stats(model, v, x))(variables, x)
+    # 1) first BatchNorm: the NumPy statistics of x @ W
+    h = np.asarray(x, np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64)
+    np.testing.assert_allclose(np.asarray(fixed["batch_stats"]["BatchNorm_0"]["mean"]), h.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fixed["batch_stats"]["BatchNorm_0"]["var"]), h.var(0), rtol=1e-4)
+    # 2) every layer: flax's own training-mode statistics (zero start, momentum m: new = (1 − m)·batch)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+    y_train, upd = model.apply({"params": params, "batch_stats": zero}, x, train=True, mutable=["batch_stats"])
+    ref = jax.tree_util.tree_map(lambda a: a / 0.1, upd["batch_stats"])
+    for a, b in zip(jax.tree_util.tree_leaves(fixed["batch_stats"]), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-5)
+    # 3) inference with the re-estimated statistics is the training-mode forward pass
+    np.testing.assert_allclose(np.asarray(model.apply(fixed, x)), np.asarray(y_train), rtol=1e-3, atol=1e-3)
+    assert not np.allclose(np.asarray(model.apply(variables, x)), np.asarray(y_train), atol=1e-2)
+    for a, b in zip(jax.tree_util.tree_leaves(fixed["params"]), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # params untouched
+    # vmapped over noisy copies: each copy gets its own statistics
+    keys = jax.random.split(jax.random.key(3), 3)
+    noisy = jax.vmap(lambda k: njf.add_weight_noise_linen(variables, 0.0, key=k))(keys)
+    out = jax.vmap(lambda v: njf.recalibrate_batch_stats(model, v, x))(noisy)
+    for i in range(3):
+        one = njf.recalibrate_batch_stats(model, jax.tree_util.tree_map(lambda a: a[i], noisy), x)
+        for a, b in zip(jax.tree_util.tree_leaves(out["batch_stats"]), jax.tree_util.tree_leaves(one["batch_stats"])):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_recalibrate_batch_stats_errors():
+    x = jnp.ones((4, 5))
+    with pytest.raises(InvalidArgumentError, match="batch_stats"):
+        njf.recalibrate_batch_stats(_BNNet(), {"params": {}}, x)
+    plain = nn.Dense(3)
+    v = plain.init(jax.random.key(0), x)
+    with pytest.raises(InvalidArgumentError, match="no nn.BatchNorm"):
+        njf.recalibrate_batch_stats(plain, {"params": v["params"], "batch_stats": {}}, x)
+    with pytest.raises(InvalidArgumentError, match="linen.Module"):
+        njf.recalibrate_batch_stats(lambda v, x: x, {"batch_stats": {}}, x)
+
+
+def test_recalibrated_estimator_recentres_noisy_channels():
+    """denoise.Recalibrated(ML) on noisy weights: over the calibration inputs every channel of the
+    last BatchNorm has mean β and variance γ²·v/(v+ε) again, which the stored statistics do not give."""
+    import functools
+
+    from noisejax import denoise
+
+    model = _BNNet()
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.standard_normal((512, 5)) + 2.0, jnp.float32)
+    variables = model.init(jax.random.key(1), x)
+    variables = njf.recalibrate_batch_stats(model, variables, x)  # the clean model's own statistics
+    pw = noise.noise_power(variables, -3.0)
+    noisy = noise.add_weight_noise(variables, -3.0, key=jax.random.key(4))
+    est = denoise.Recalibrated(denoise.ML(), x, functools.partial(njf.recalibrate_batch_stats, model))
+    fixed = jax.jit(lambda v: est(v, pw, wnr_db=-3.0))(noisy)
+    bn = fixed["params"]["BatchNorm_1"]
+    y_fixed, y_noisy = np.asarray(model.apply(fixed, x), np.float64), np.asarray(model.apply(noisy, x), np.float64)
+    np.testing.assert_allclose(y_fixed.mean(0), np.asarray(bn["bias"]), atol=1e-3)
+    v = np.asarray(fixed["batch_stats"]["BatchNorm_1"]["var"], np.float64)
+    np.testing.assert_allclose(y_fixed.var(0), np.asarray(bn["scale"], np.float64) ** 2 * v / (v + 1e-3), rtol=1e-3)
+    assert np.max(np.abs(y_noisy.mean(0) - np.asarray(bn["bias"]))) > 0.1  # the noise had moved them
+    with pytest.raises(InvalidArgumentError, match="recalibrate"):
+        denoise.Recalibrated(denoise.ML(), x)(noisy, pw)

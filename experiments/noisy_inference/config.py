@@ -37,8 +37,13 @@ class Config:
       reference, scope: WNR definition (``noise.noise_power``).
       learned_per_channel: per-output-channel coefficients for the learned denoiser.
       learned_variants: which learned denoisers to train: ``"affine"`` (per-layer affine
-        map only) and/or ``"projection"`` (plus the common-mode projection, whose
-        per-channel targets are side information).
+        map only), ``"common"`` (plus the blind common-mode MMSE with a learned exponent;
+        no side information) and/or ``"projection"`` (plus the common-mode projection,
+        whose per-channel targets are side information).
+      recalibrate: for BatchNorm models, also evaluate ML, the selected compensated MMSE
+        and the ``"common"`` learned denoiser followed by a re-estimation of the batch
+        statistics on the (unlabeled) validation inputs; that learned denoiser is then
+        trained with the re-estimation in its loss.
       learned_steps, learned_draws, learned_batch, learned_lr: its optax training
         (on the validation split; never the test split).
       targets: accuracies at which dB gains are read off.
@@ -53,7 +58,8 @@ class Config:
     reference: str = "variance"
     scope: str = "global"
     learned_per_channel: bool = False
-    learned_variants: tuple[str, ...] = ("affine", "projection")
+    learned_variants: tuple[str, ...] = ("affine", "common", "projection")
+    recalibrate: bool = True
     learned_steps: int = 300
     learned_draws: int = 8
     learned_batch: int = 128
@@ -126,7 +132,7 @@ def tiny() -> Config:
         learned_steps=3,
         learned_draws=2,
         learned_batch=32,
-        learned_variants=("projection",),
+        learned_variants=("common", "projection"),
     )
 
 
