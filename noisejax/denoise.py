@@ -55,6 +55,10 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   ``σ²`` whatever the direction, while trained layers fed by non-negative inputs
   have similar mean pre-activations across neurons, so the common mode is where
   a prior across channels removes most noise.
+* :class:`Recalibrated` — any estimator followed by a re-estimation of the model's
+  BatchNorm statistics on unlabeled calibration inputs (e.g. with
+  :func:`noisejax.flax.recalibrate_batch_stats`): the noise-free normalization
+  re-centres and re-scales each channel the noise has moved.
 
 Frozen dataclass pytrees wrap them with a common call ``est(noisy, noise_power,
 wnr_db=...)``; :func:`estimator` looks one up by name.

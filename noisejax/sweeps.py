@@ -349,22 +349,30 @@ def plot_accuracy_curves(
     targets: Sequence[float] = (),
     xlabel: str = "WNR (dB)",
     ylabel: str = "test accuracy",
+    styles: Optional[Mapping[str, dict]] = None,
 ) -> str:
-    """Mean ± 1 std vs WNR for each curve (``(W, R)`` arrays or ``(W,)`` means) to a PNG at ``path``."""
+    """Mean ± 1 std vs WNR for each curve (``(W, R)`` arrays or ``(W,)`` means) to a PNG at ``path``.
+
+    ``styles`` maps a curve name to extra matplotlib line keywords (e.g. ``{"ls": "--"}``).
+    With more than six curves the legend goes to the right of the axes.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     w = np.asarray(wnr_db, dtype=float)
-    fig, ax = plt.subplots(figsize=(6.0, 4.2), dpi=120)
-    for name, acc in curves.items():
+    outside = len(curves) > 6
+    fig, ax = plt.subplots(figsize=(9.5 if outside else 6.0, 4.2), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#000000", "#8c564b", "#7f7f7f"]
+    for i, (name, acc) in enumerate(curves.items()):
         a = np.asarray(acc, dtype=float)
         mean = a.mean(axis=1) if a.ndim == 2 else a
-        (line,) = ax.plot(w, mean, marker="o", ms=3, label=name)
+        kw = {"marker": "o", "ms": 3, "color": colors[i % len(colors)], **((styles or {}).get(name, {}))}
+        (line,) = ax.plot(w, mean, label=name, **kw)
         if a.ndim == 2 and a.shape[1] > 1:
             std = a.std(axis=1)
-            ax.fill_between(w, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(w, mean - std, mean + std, color=line.get_color(), alpha=0.12 if outside else 0.2, lw=0)
     for t in targets:
         ax.axhline(t, color="gray", lw=0.8, ls=":")
     ax.set_xlabel(xlabel)
@@ -372,7 +380,10 @@ def plot_accuracy_curves(
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if outside:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

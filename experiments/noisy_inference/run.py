@@ -175,8 +175,11 @@ def run_model(spec, cfg) -> dict:
     png = out_dir / f"{spec.name}.png"
     hidden = ("MMSE (side info)", "compensated MMSE (test oracle)", "projection only (untrained)")
     shown = {k: v for k, v in curves.items() if k not in hidden}
+    styles = {k: {"ls": "--"} for k in shown if k.endswith(_RECAL)}
+    styles.update({k: {"ls": ":"} for k in shown if "projection" in k})  # side information
+    styles.update({k: {"lw": 2.2} for k in shown if k.startswith("learned (affine + common mode)")})
     sweeps.plot_accuracy_curves(
-        wnr, shown, str(png), targets=cfg.targets,
+        wnr, shown, str(png), targets=cfg.targets, styles=styles,
         title=f"{spec.name}: noisy inference, R={cfg.n_realizations} ({cfg.reference}, {cfg.scope} WNR)",
     )
     return {
@@ -222,7 +225,12 @@ def main(config=None) -> dict:
         }
         for name, res in results["models"].items()
     }
-    results["claims"] = sweeps.gain_claims(results["summary"], {"compensated": 1.0, "learned": 4.1}, figure="Shao et al. TSP 2023, noisy inference (accuracy vs WNR)")
+    thresholds = {  # the paper's targets; compensated MMSE + BN re-estimation is reported, not judged by them
+        "compensated mmse (val-selected)" + _RECAL.lower(): None, "compensated": 1.0, "learned": 4.1,
+    }
+    results["claims"] = sweeps.gain_claims(
+        results["summary"], thresholds, figure="Shao et al. TSP 2023, noisy inference (accuracy vs WNR)"
+    )
     for claim in results["claims"]:
         model = claim["claim"].split(":")[0]
         if _RECAL in claim["claim"]:
@@ -233,6 +241,8 @@ def main(config=None) -> dict:
                      and est != "ML" + _RECAL else "")
             claim["note"] = ("BatchNorm running statistics re-estimated on the unlabeled validation inputs after "
                              f"denoising (no clean number){extra}")
+            if "compensated" in claim["claim"]:
+                claim["note"] += " — the gain is the re-estimation's, so the paper's 1 dB target is not applied"
         elif "common mode" in claim["claim"]:
             claim["note"] = ("blind: no clean number is stored; per-layer coefficients and the common-mode "
                              "direction, trained on the validation split")
