@@ -538,6 +538,8 @@ class LearnedDenoiser:
                 f"LearnedDenoiser has {len(self.coef)} leaf entries, parameters have {len(leaves)} leaves"
             )
 
+        tau = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
+
         def fn(w, p, _k_unused, k):
             c = self.coef[k]
             if c is None:
@@ -545,15 +547,12 @@ class LearnedDenoiser:
             if "direction" in c:
                 w = _project(w, c["direction"], c["target"])
             if "cm_direction" in c:  # blind common-mode MMSE with a learned, WNR-conditioned exponent
-                tau_cm = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
-                expo_cm = c["cm_exponent"][0] + c["cm_exponent"][1] * tau_cm
-                w = _common_mode_shrink(w, p, c["cm_direction"], expo_cm)
+                w = _common_mode_shrink(w, p, c["cm_direction"], c["cm_exponent"][0] + c["cm_exponent"][1] * tau)
             m, v = group_stats(w, per_channel=self.per_channel)
             nu = jnp.clip(_safe_div(p, v), 0.0, 1.0)  # fraction of noise in the observed variance
             phi = self.features(wnr_db, nu.reshape(-1))  # (G, 4)
             shape = m.shape
             bound = self.bound
-            tau = (jnp.asarray(wnr_db) - self.wnr_center) / self.wnr_half_width
             expo = c["mmse_exponent"][:, 0] + c["mmse_exponent"][:, 1] * tau  # (G,)
             log_theta = jnp.log(jnp.maximum(1.0 - nu.reshape(-1), _MIN_GAIN))  # log of the MMSE gain
             log_a = expo * log_theta + bound * jnp.tanh(jnp.sum(c["log_scale"] * phi, axis=-1) / bound)
