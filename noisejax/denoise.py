@@ -464,7 +464,7 @@ class CommonModeMMSE:
 class Recalibrated:
     """Another estimator followed by a re-estimation of the model's normalization statistics.
 
-    ``Recalibrated(base, recalibrate, data)(noisy, σ², wnr_db=w)`` is
+    ``Recalibrated(base, data, recalibrate)(noisy, σ², wnr_db=w)`` is
     ``recalibrate(base(noisy, σ², wnr_db=w), data)``, e.g. with
     ``recalibrate = functools.partial(noisejax.flax.recalibrate_batch_stats, module)``
     and ``data`` unlabeled calibration inputs: BatchNorm running statistics are
