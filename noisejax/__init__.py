@@ -1,5 +1,11 @@
 """noisejax: simulate, predict and mitigate noise in neural networks with JAX.
 
+Any JAX model (Flax linen/NNX, Equinox, plain ``jnp``), unmodified::
+
+    noisejax.noisy(fn, neuron=..., weight=..., sites=...)     noise at any operation (sampling)
+    noisejax.analytic(fn, neuron=..., weight=..., sites=...)  its mean and variance, no sampling
+    noisejax.sites(fn, *args)                                 where noise can go
+
 Namespaces (imported on first use)::
 
     noisejax.noise      neuron-noise and weight-noise models (pytrees)
@@ -15,6 +21,10 @@ Namespaces (imported on first use)::
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
     noisejax.store      atomic, checksummed result files and resumable points
+    noisejax.interpret  the two interpretations of a jaxpr (noisy, analytic, sites)
+    noisejax.rules      the moment rule of every primitive
+    noisejax.gaussian   Gaussian states: mean and noise as loadings on latent sources
+    noisejax.quadrature Gaussian expectations of elementwise functions
 """
 
 from __future__ import annotations
@@ -42,9 +52,16 @@ _SUBMODULES = (
     "reproduce",
     "data",
     "flax",
+    "interpret",
+    "rules",
+    "gaussian",
+    "quadrature",
 )
 
-__all__ = list(_SUBMODULES) + ["__version__"]
+# functions and types re-exported from noisejax.interpret
+_FROM_INTERPRET = ("noisy", "analytic", "sites", "mark", "Site", "Prediction", "UnsupportedPrimitiveError")
+
+__all__ = list(_SUBMODULES) + list(_FROM_INTERPRET) + ["__version__"]
 
 
 def __getattr__(name: str):
@@ -52,4 +69,8 @@ def __getattr__(name: str):
         module = importlib.import_module(f"noisejax.{name}")
         globals()[name] = module
         return module
+    if name in _FROM_INTERPRET:
+        value = getattr(importlib.import_module("noisejax.interpret"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'noisejax' has no attribute {name!r}")

@@ -192,7 +192,8 @@ class Program:
     cluster_of: dict  # flat op index -> cluster index
     sites: tuple  # of Site, in index order
     consumers: dict  # variable id -> list of flat op indices
-    last_use: dict  # variable id -> last flat op index using it (len(ops) for outputs)
+    last_use: dict  # variable id -> index of the last op that consumes it (outputs: not counted)
+    out_vars: frozenset = frozenset()  # variable ids returned by the program
 
     def site_at(self, var: int) -> Optional[Site]:
         return self._site_by_var.get(var)
@@ -321,15 +322,12 @@ def flatten(closed_jaxpr, *, param_inputs: Sequence[bool] = ()) -> Program:
             if r.is_var:
                 consumers.setdefault(r.var, []).append(k)
                 last_use[r.var] = k
-    for r in outs:
-        if r.is_var:
-            last_use[r.var] = len(ops)
 
     clusters, cluster_of = _clusters(ops, param_only, consumers, {r.var for r in outs if r.is_var}, fl.avals, fl.call_outs)
     sites = _sites(ops, clusters, fl.avals)
     return Program(
         n_in, ops, outs, tuple(v.aval for v in jaxpr.invars), tuple(v.aval for v in jaxpr.outvars),
-        param_only, clusters, cluster_of, sites, consumers, last_use,
+        param_only, clusters, cluster_of, sites, consumers, last_use, frozenset(r.var for r in outs if r.is_var),
     )
 
 

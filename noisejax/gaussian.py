@@ -49,6 +49,7 @@ __all__ = [
     "Lazy",
     "Gaussian",
     "fresh",
+    "square_sid",
     "variance",
     "block_variance",
     "to_dense",
@@ -71,6 +72,16 @@ _SIDS = itertools.count(1)
 def fresh() -> int:
     """A new source id."""
     return next(_SIDS)
+
+
+_SQUARES: dict = {}
+
+
+def square_sid(sid: int) -> int:
+    """The id of the sources ``η_r = (ξ_r² − 1)/√2`` of the sources ``ξ_r`` of block ``sid`` (the same everywhere)."""
+    if sid not in _SQUARES:
+        _SQUARES[sid] = fresh()
+    return _SQUARES[sid]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -147,10 +147,16 @@ def _argnums(params_argnums, n_args) -> tuple:
     return tuple(sorted(p % n_args for p in nums))
 
 
+def _aval_key(a) -> tuple:
+    if hasattr(a, "shape") and hasattr(a, "dtype"):
+        return tuple(a.shape), str(a.dtype), bool(getattr(a, "weak_type", False))
+    return tuple(np.shape(a)), str(jnp.result_type(a)), True
+
+
 def _trace(fn, args, params_argnums, cache: dict) -> _Traced:
     nums = _argnums(params_argnums, len(args))
     flat, in_tree = jax.tree_util.tree_flatten(args)
-    key = (in_tree, tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in flat), nums)
+    key = (in_tree, tuple(_aval_key(a) for a in flat), nums)
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -341,6 +347,8 @@ def _eval_sampling(jaxpr, consts, args, path, plan):
             s, nz = site
             k = jax.random.fold_in(plan["key"], s.index)
             outvals[0] = _noise_at_site(outvals[0], nz, k, plan["batch_axes"])
+        if p in plan["taps"]:
+            plan["tapped"][plan["taps"][p]] = outvals[0]
         for v, val in zip(eqn.outvars, outvals):
             env[v] = val
     return [read(v) for v in jaxpr.outvars]
@@ -354,6 +362,7 @@ def noisy(
     sites: Any = "activations",
     params_argnums: Union[int, Sequence[int], None] = 0,
     batch_axes: int = 1,
+    taps: Any = None,
 ) -> Callable:
     """``fn`` with noise: returns ``noisy_fn(key, *args)``, same output structure as ``fn(*args)``.
 
@@ -374,6 +383,9 @@ def noisy(
       params_argnums: the positional argument(s) holding parameters (``None``: none).
       batch_axes: leading axes of a site's array that index examples (1 for batched
         models, 0 for a function of one example).
+      taps: a site selection (as ``sites``) whose values to return as well: then
+        ``noisy_fn`` returns ``(fn's output, tuple of the tapped sites' values)``, in
+        site order (after the noise of a noisy site) — per-site statistics from one run.
 
     Returns:
       ``noisy_fn(key, *args)``; pure, ``jit``/``vmap``/``grad``-able.  Calls inside
@@ -400,20 +412,27 @@ def noisy(
             if not nums:
                 raise InvalidArgumentError("weight= needs params_argnums: which argument holds the parameters")
             args = _perturb(args, nums, weight, key)
-        if neuron is None:
+        if neuron is None and taps is None:
             return fn(*args)
         traced = _trace(fn, args, params_argnums, cache)
-        chosen = _select_sites(traced.program, sites)
+        chosen = _select_sites(traced.program, sites) if neuron is not None else ()
+        tapped = _select_sites(traced.program, taps) if taps is not None else ()
         per_site = _site_noise(chosen, neuron)
         plan_sites, prefixes = {}, set()
         for s, nz in per_site.items():
             if isinstance(nz, NeuronNoise) and not nz.is_zero:
                 plan_sites[s.path] = (s, nz)
                 prefixes.update(s.path[:k] for k in range(1, len(s.path)))
-        plan = {"sites": plan_sites, "prefixes": prefixes, "key": jax.random.fold_in(key, _NEURON_TAG), "batch_axes": batch_axes}
+        for s in tapped:
+            prefixes.update(s.path[:k] for k in range(1, len(s.path)))
+        plan = {"sites": plan_sites, "prefixes": prefixes, "key": jax.random.fold_in(key, _NEURON_TAG), "batch_axes": batch_axes,
+                "taps": {s.path: j for j, s in enumerate(tapped)}, "tapped": {}}
         flat = jax.tree_util.tree_leaves(args)
         out = _eval_sampling(traced.closed.jaxpr, traced.closed.consts, flat, (), plan)
-        return jax.tree_util.tree_unflatten(traced.out_tree, out)
+        out = jax.tree_util.tree_unflatten(traced.out_tree, out)
+        if taps is None:
+            return out
+        return out, tuple(plan["tapped"][j] for j in range(len(tapped)))
 
     return noisy_fn
 
@@ -580,9 +599,13 @@ def _softmax_shifts(program) -> set:
     return found
 
 
-def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch_axes: int) -> list:
-    """Run the moment interpretation; ``inputs`` are arrays or Gaussian states per flat input."""
+def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch_axes: int, taps: Sequence[Site] = ()) -> list:
+    """Run the moment interpretation; ``inputs`` are arrays or Gaussian states per flat input.
+
+    Returns the program's outputs, followed by the values at the ``taps`` sites."""
     env: dict = {}
+    tap_vars = {s.var: j for j, s in enumerate(taps)}
+    tapped: dict = {}
     last = program.last_use
     for i, v in enumerate(inputs):
         env[i] = v
@@ -608,6 +631,8 @@ def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch
         if isinstance(val, G.Gaussian):
             val = G.compact(val, live_sids(k, exclude=(v,)))
         env[v] = val
+        if v in tap_vars:
+            tapped[tap_vars[v]] = val
 
     for k, op in enumerate(program.ops):
         if k in done:
@@ -624,7 +649,7 @@ def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch
                 for v in member_vars:
                     if v in outs:
                         store(v, outs[v], k)
-                _drop_dead(env, last, max(cl.members))
+                _drop_dead(env, last, max(cl.members), program.out_vars)
                 continue
         ins = [r.const if not r.is_var else env[r.var] for r in op.ins]
         ctx.op = op
@@ -634,15 +659,15 @@ def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch
         outs = R.apply_rule(ctx, op, ins)
         for v, val in zip(op.outs, outs):
             store(v, val, k)
-        _drop_dead(env, last, k)
+        _drop_dead(env, last, k, program.out_vars)
     del n_ops
-    return [r.const if not r.is_var else env[r.var] for r in program.outs]
+    return [r.const if not r.is_var else env[r.var] for r in program.outs] + [tapped[j] for j in range(len(taps))]
 
 
-def _drop_dead(env, last, k):
-    for v in [v for v in env if last.get(v, -1) <= k and v not in ()]:
-        if last.get(v, -1) != -1 and last[v] <= k:
-            del env[v]
+def _drop_dead(env, last, k, keep):
+    """Forget values no later op consumes (outputs are kept, but never share sources again)."""
+    for v in [v for v in env if last.get(v, -1) <= k and v not in keep]:
+        del env[v]
 
 
 def _weight_inputs(traced, flat_args, weight, nums, args):
@@ -694,6 +719,7 @@ def analytic(
     covariance: str = "factored",
     quad_nodes: int = 64,
     unknown: str = "error",
+    taps: Any = None,
 ) -> Callable:
     """``fn``'s noise statistics without sampling: returns ``analytic_fn(*args) -> Prediction``.
 
@@ -715,6 +741,8 @@ def analytic(
       quad_nodes: quadrature points for activations without a closed form.
       unknown: ``"error"`` (default) or ``"linearize"``: first order through ``jax.jvp``
         for primitives that have no moment rule (see :mod:`noisejax.rules`).
+      taps: as for :func:`noisy`: ``pred.mean`` and ``pred.var`` become
+        ``(fn's output, tuple per tapped site)``.
 
     Returns:
       ``analytic_fn(*args)``, jit-compiled per argument structure and shapes.
@@ -774,11 +802,12 @@ def analytic(
                         "expected a leading example axis (fn must map a batch to a batch); use batch_axes=0"
                     )
         chosen = _select_sites(traced.program, sites) if neuron is not None else ()
+        tapped = _select_sites(traced.program, taps) if taps is not None else None
         per_site = _site_noise(chosen, neuron)
-        key = (id(traced), tuple(sorted(s.index for s in per_site)))
+        key = (id(traced), tuple(sorted(s.index for s in per_site)), None if tapped is None else tuple(s.index for s in tapped))
         run = compiled.get(key)
         if run is None:
-            run = _build(traced, per_site, weight, nums, batch_axes, data_pos, method, covariance, quad_nodes, unknown)
+            run = _build(traced, per_site, weight, nums, batch_axes, data_pos, method, covariance, quad_nodes, unknown, tapped)
             compiled[key] = run
         site_leaves = [per_site[s] for s in sorted(per_site, key=lambda s: s.index)]
         mean, var = run(args, site_leaves)
@@ -787,18 +816,23 @@ def analytic(
     return analytic_fn
 
 
-def _build(traced, per_site, weight, nums, batch_axes, data_pos, method, covariance, quad_nodes, unknown):
+def _build(traced, per_site, weight, nums, batch_axes, data_pos, method, covariance, quad_nodes, unknown, tapped):
     order = sorted(per_site, key=lambda s: s.index)
+    n_out = len(traced.program.outs)
 
     def one(args, site_leaves):
         ctx = R.Context(mode="lowrank" if covariance == "lowrank" else "factored", method=method, quad_nodes=quad_nodes, unknown=unknown)
         flat = jax.tree_util.tree_leaves(args)
         inputs = _weight_inputs(traced, flat, weight, nums, args)
         site_noise = dict(zip(order, site_leaves))
-        outs = _interpret(traced.program, inputs, site_noise, ctx=ctx, batch_axes=batch_axes)
+        outs = _interpret(traced.program, inputs, site_noise, ctx=ctx, batch_axes=batch_axes, taps=tapped or ())
         means = [G.as_gaussian(o).mean for o in outs]
         vars_ = [G.variance(o) for o in outs]
-        return jax.tree_util.tree_unflatten(traced.out_tree, means), jax.tree_util.tree_unflatten(traced.out_tree, vars_)
+        mean = jax.tree_util.tree_unflatten(traced.out_tree, means[:n_out])
+        var = jax.tree_util.tree_unflatten(traced.out_tree, vars_[:n_out])
+        if tapped is None:
+            return mean, var
+        return (mean, tuple(means[n_out:])), (var, tuple(vars_[n_out:]))
 
     if batch_axes == 0:
         return jax.jit(one)

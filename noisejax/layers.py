@@ -7,12 +7,15 @@ Every layer is a :class:`Layer`: a named tuple of pure functions
 * ``apply(params, x, *, key=None, noise=None) -> y`` — the sampling rule, for one
   example; batches and realizations are added with :func:`jax.vmap`
   (see :func:`apply_batch` and :mod:`noisejax.simulate`);
-* ``moments(params, state, *, noise=None, **options) -> state`` — the moment rule
-  (analytic propagation of mean and noise covariance, filled in by
-  :mod:`noisejax.moments`), ``None`` where a layer has none yet;
-
 plus static metadata: ``n_sites`` (how many :func:`NeuronNoise` sites the layer
 contains) and ``spec`` (a small dict describing the layer: kind, slope, ...).
+
+The analytic moments of any network come from its ``apply`` itself: the moment
+interpretation of :mod:`noisejax.interpret` reads the jaxpr of ``apply`` with the
+per-primitive rules of :mod:`noisejax.rules` (:func:`noisejax.moments.predict`),
+so a layer needs no separate moment rule and Monte Carlo and analytic prediction
+always describe the same network.  :func:`NeuronNoise` marks its site in that
+jaxpr (:func:`noisejax.interpret.mark`).
 
 :func:`serial` composes layers.  The ``noise`` argument of a composed network is
 either one :class:`noisejax.noise.NeuronNoise` (applied at every site) or a
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from noisejax import _validate
-from noisejax import moments as _moments
+from noisejax._jaxpr import mark as _mark
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import NeuronNoise as _NeuronNoiseModel
 from noisejax.noise import LocalWeightNoise as _LocalWeightNoise
@@ -74,11 +77,10 @@ NoiseArg = Union[None, _NeuronNoiseModel, Sequence[Optional[_NeuronNoiseModel]]]
 
 
 class Layer(NamedTuple):
-    """A layer: pure ``init``/``apply`` (and optional ``moments``) with static metadata."""
+    """A layer: pure ``init``/``apply`` with static metadata (``n_sites``, ``spec``)."""
 
     init: Callable[[Array, Shape], tuple[Shape, Any]]
     apply: Callable[..., Array]
-    moments: Optional[Callable[..., Any]] = None
     n_sites: int = 0
     spec: Any = None
 
@@ -115,7 +117,7 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
             y = y + params["b"]
         return y
 
-    return Layer(init, apply, _moments.dense_rule(use_bias=use_bias), 0, {"kind": "dense", "out_dim": out_dim})
+    return Layer(init, apply, 0, {"kind": "dense", "out_dim": out_dim})
 
 
 def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
@@ -136,7 +138,11 @@ def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
     dense = Dense(out_dim, use_bias=use_bias)
 
     def apply(params, x, *, key=None, noise=None):
-        z = dense.apply(params, x)
+        # the marks tell the moment interpretation which parameters carry this site's noise
+        marked = {"W": _mark(params["W"], "local_weight")}
+        if "b" in params:
+            marked["b"] = _mark(params["b"], "local_bias")
+        z = dense.apply(marked, x)
         if not isinstance(noise, _LocalWeightNoise):
             return z
         if key is None:
@@ -148,13 +154,7 @@ def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
             var = var + jnp.asarray(var_b, z.dtype)
         return z + jnp.sqrt(var) * jax.random.normal(key, z.shape, z.dtype)
 
-    def moments(params, state, *, noise=None, **options):
-        wvar = options.pop("weight_noise_var", None)
-        if isinstance(noise, _LocalWeightNoise):
-            wvar = noise.variance
-        return dense.moments(params, state, weight_noise_var=wvar, **options)
-
-    return Layer(dense.init, apply, moments, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
+    return Layer(dense.init, apply, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:
@@ -181,7 +181,7 @@ def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str
     def apply(params, x, *, key=None, noise=None):
         return _conv(params, x)
 
-    return Layer(init, apply, _moments.conv_rule(strides, padding, dn), 0, {"kind": "conv", "out_chan": out_chan})
+    return Layer(init, apply, 0, {"kind": "conv", "out_chan": out_chan})
 
 
 def Flatten() -> Layer:
@@ -193,7 +193,7 @@ def Flatten() -> Layer:
     def apply(params, x, *, key=None, noise=None):
         return x.reshape(-1)
 
-    return Layer(init, apply, _moments.flatten_rule(), 0, {"kind": "flatten"})
+    return Layer(init, apply, 0, {"kind": "flatten"})
 
 
 # ----------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def Flatten() -> Layer:
 
 
 def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", **spec) -> Layer:
-    """Any elementwise activation ``y = fn(x)`` (its moment rule uses quadrature)."""
+    """Any elementwise activation ``y = fn(x)`` (moments: the rules of the primitives ``fn`` uses)."""
 
     def init(key, in_shape):
         return tuple(in_shape), ()
@@ -210,7 +210,7 @@ def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", **spec)
     def apply(params, x, *, key=None, noise=None):
         return fn(x)
 
-    return Layer(init, apply, _moments.activation_rule(fn), 0, {"kind": "activation", "name": name, "fn": fn, **spec})
+    return Layer(init, apply, 0, {"kind": "activation", "name": name, "fn": fn, **spec})
 
 
 def Linear(slope: float = 1.0) -> Layer:
@@ -218,7 +218,7 @@ def Linear(slope: float = 1.0) -> Layer:
     _validate.check_real_number("Linear.slope", slope)
     slope = float(slope)
     fn = lambda x: slope * x  # noqa: E731
-    return Elementwise(fn, "linear", slope=slope)._replace(moments=_moments.activation_rule(fn, kind="linear", slope=slope))
+    return Elementwise(fn, "linear", slope=slope)
 
 
 def Sigmoid() -> Layer:
@@ -233,14 +233,12 @@ def Tanh() -> Layer:
 
 def Relu() -> Layer:
     """``f(x) = max(x, 0)``."""
-    return Elementwise(jax.nn.relu, "relu")._replace(moments=_moments.activation_rule(jax.nn.relu, kind="relu"))
+    return Elementwise(jax.nn.relu, "relu")
 
 
 def Erf() -> Layer:
     """``f(x) = erf(x)``."""
-    return Elementwise(jax.scipy.special.erf, "erf")._replace(
-        moments=_moments.activation_rule(jax.scipy.special.erf, kind="erf")
-    )
+    return Elementwise(jax.scipy.special.erf, "erf")
 
 
 ACTIVATIONS: dict[str, Callable[[], Layer]] = {
@@ -291,18 +289,14 @@ def NeuronNoise() -> Layer:
         return tuple(in_shape), ()
 
     def apply(params, x, *, key=None, noise=None):
+        x = _mark(x, "neuron")  # the site, for the moment interpretation
         if not isinstance(noise, _NeuronNoiseModel) or noise.is_zero:
             return x
         if key is None:
             raise InvalidArgumentError("apply(..., noise=...) needs key=: a noisy forward pass draws random numbers")
         return apply_neuron_noise(x, noise, key=key)
 
-    rule = _moments.neuron_noise_rule()
-
-    def moments(params, state, *, noise=None, **options):
-        return rule(params, state, noise=noise if isinstance(noise, _NeuronNoiseModel) else None, **options)
-
-    return Layer(init, apply, moments, 1, {"kind": "neuron_noise"})
+    return Layer(init, apply, 1, {"kind": "neuron_noise"})
 
 
 # ----------------------------------------------------------------------------------
@@ -340,8 +334,7 @@ def serial(*layers: Layer) -> Layer:
 
     ``apply(params, x, *, key=None, noise=None, return_layers=False)``: child ``i``
     gets ``fold_in(key, i)``; with ``return_layers=True`` returns ``(y, outputs)``
-    where ``outputs`` holds every child's output.  ``moments`` composes the
-    children's moment rules the same way (available when all children have one).
+    where ``outputs`` holds every child's output.
     """
     if not layers or not all(isinstance(layer, Layer) for layer in layers):
         raise InvalidArgumentError("serial(...) needs one or more Layer objects")
@@ -370,18 +363,7 @@ def serial(*layers: Layer) -> Layer:
             outs.append(x)
         return (x, tuple(outs)) if return_layers else x
 
-    moments = None
-    if all(layer.moments is not None for layer in layers):
-
-        def moments(params, state, *, noise=None, return_layers=False, **options):
-            _check_params(params)
-            outs = []
-            for layer, p, nz in zip(layers, params, split_noise(noise, counts)):
-                state = layer.moments(p, state, noise=nz, **options)
-                outs.append(state)
-            return (state, tuple(outs)) if return_layers else state
-
-    return Layer(init, apply, moments, sum(counts), {"kind": "serial", "children": tuple(l.spec for l in layers)})
+    return Layer(init, apply, sum(counts), {"kind": "serial", "children": tuple(l.spec for l in layers)})
 
 
 def apply_batch(net: Layer, params, xs: Array, *, key=None, noise: NoiseArg = None, **kwargs):

@@ -56,7 +56,7 @@ from jax import lax
 from noisejax import gaussian as G
 from noisejax import quadrature as Q
 from noisejax._jaxpr import _PARTIAL, mark_p
-from noisejax.errors import NoisejaxError
+from noisejax.errors import InvalidArgumentError
 
 __all__ = ["UnsupportedPrimitiveError", "Context", "RULES", "activation_state", "apply_rule"]
 
@@ -64,7 +64,7 @@ Array = jax.Array
 Gaussian = G.Gaussian
 
 
-class UnsupportedPrimitiveError(NoisejaxError, NotImplementedError):
+class UnsupportedPrimitiveError(InvalidArgumentError, NotImplementedError):
     """The analytic interpretation has no moment rule for a primitive whose input is noisy."""
 
 
@@ -616,25 +616,48 @@ def _per_element(fn: Callable[[Array], Array], shape) -> Callable[[Array], Array
     return f
 
 
+#: correlated blocks with at most this many sources get second-order (Hermite) terms at activations
+SECOND_ORDER_MAX_SOURCES = 64
+
+
 def activation_state(
     ctx: Context, g: Gaussian, fn: Callable[[Array], Array], *, kind: Optional[str] = None, shift: Any = 0.0, linearize: bool = False
 ) -> Gaussian:
     """``y = fn(x)`` elementwise for a Gaussian ``x``: gains on the loadings, the residue as new noise.
 
+    With ``x_i = m_i + Σ_r L_ir ξ_r + …`` the Hermite expansion of ``f(x_i)`` in each
+    source gives, exactly for jointly Gaussian inputs (Stein's lemma once and twice)::
+
+        f(x_i) = E f + E f'(x_i) Σ_r L_ir ξ_r + E f''(x_i)/√2 Σ_r L_ir² η_r + residue,   η_r = (ξ_r² − 1)/√2
+
+    The first-order loadings keep every block's sources; the second-order sources
+    ``η_r`` are kept for correlated blocks with few sources (a shared noise draw
+    passing a nonlinearity stays coherent across neurons; the ``η`` of a block are
+    the same sources wherever it goes); the rest of ``Var f`` is independent noise.
     ``kind``/``shift``: closed forms of :func:`noisejax.quadrature.activation_moments`
     applied to ``x − shift`` (``max(x, c) = c + relu(x − c)``).
     """
     v = G.variance(g)
     method = "linearized" if (linearize or ctx.method == "linearized") else "gaussian"
-    if kind is not None and method == "gaussian":
-        ef, vf, gain = Q.activation_moments(fn, g.mean - shift, v, method=method, kind=kind, quad_nodes=ctx.quad_nodes)
-        ef = ef + shift
+
+    def moments(m):
+        if kind is not None and method == "gaussian":
+            return Q.activation_moments(fn, m - shift, v, method=method, kind=kind, quad_nodes=ctx.quad_nodes)
+        return Q.activation_moments(_per_element(fn, g.shape), m, v, method=method, quad_nodes=ctx.quad_nodes)
+
+    small = [b for b in g.blocks if isinstance(b, G.Dense) and b.cols.shape[-1] <= SECOND_ORDER_MAX_SOURCES]
+    if method == "gaussian" and small:
+        (ef, vf, gain), (_, _, curv) = jax.jvp(moments, (g.mean,), (jnp.ones_like(g.mean),))  # curv = E f''
     else:
-        ef, vf, gain = Q.activation_moments(_per_element(fn, g.shape), g.mean, v, method=method, quad_nodes=ctx.quad_nodes)
+        ef, vf, gain = moments(g.mean)
+    if kind is not None and method == "gaussian":
+        ef = ef + shift
     out = G.scale(g, gain, mean=ef)
     if method == "gaussian":
-        resid = jnp.maximum(vf - jnp.square(gain) * v, 0.0)
-        out = G.Gaussian(out.mean, out.blocks + (G.Diag(G.fresh(), G._safe_sqrt(resid)),))
+        second = [G.Dense(G.square_sid(b.sid), (curv / np.sqrt(2.0))[..., None] * jnp.square(b.cols)) for b in small]
+        explained = jnp.square(gain) * v + sum((jnp.sum(jnp.square(b.cols), -1) for b in second), jnp.zeros_like(v))
+        resid = jnp.maximum(vf - explained, 0.0)
+        out = G.Gaussian(out.mean, G.merge(out.blocks + tuple(second), out.mean.shape) + (G.Diag(G.fresh(), G._safe_sqrt(resid)),))
     return out
 
 

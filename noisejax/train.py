@@ -305,8 +305,6 @@ def moment_loss(
 
     _validate.check_choice("method", method, _moments.METHODS)
     _validate.check_choice("covariance", covariance, _moments.COVARIANCES)
-    if getattr(net, "moments", None) is None:
-        raise InvalidArgumentError("net has no moment rule: every layer needs one (build it with noisejax.layers)")
     return MomentLoss(
         _check_noise(noise), jnp.asarray(penalty, jnp.float32), _Static(net), _Static(_loss_fn(loss)), method, covariance
     )

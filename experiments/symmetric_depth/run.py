@@ -149,7 +149,7 @@ def _analytic_group(group: list[dict], cfg):
 
     def curve(p, nz):
         def step(st, _):
-            st = net.moments(p, st, noise=nz, method=method)
+            st = moments.propagate(net, p, st, noise=nz, method=method, covariance="full")[-1]
             return st, (st.mean, st.var)
 
         return lax.scan(step, state0, None, length=cfg.depth)[1]
