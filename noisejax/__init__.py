@@ -15,6 +15,8 @@ Namespaces (imported on first use)::
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
     noisejax.store      atomic, checksummed result files and resumable points
+    noisejax.snr        the signal-to-noise ratio (per output, layer summary)
+    noisejax.convert    WEIGHTS.npz files; PyTorch / Flax dense weights into them
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _SUBMODULES = (
     "models",
     "checkpoint",
     "store",
+    "snr",
+    "convert",
     "federated",
     "reproduce",
     "data",

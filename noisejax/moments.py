@@ -108,6 +108,7 @@ from flax import struct
 from jax import lax
 
 from noisejax import _validate
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import NeuronNoise
 
@@ -161,7 +162,8 @@ class LayerMoments:
         (``A`` is a layer's ``Wᵀ``, shared by the examples of a batch); ``None``: none.
 
     Derived: ``var`` (per-feature noise variance, the quantity Monte Carlo
-    estimates), ``std``, ``snr`` (``mean²/var``), ``snr_db``, ``n_factors``.
+    estimates), ``std``, ``snr`` (``mean²/var``), ``snr_db``, ``layer_snr_db``
+    (``10·log10(Σ mean² / Σ var)``; definitions in :mod:`noisejax.snr`), ``n_factors``.
     """
 
     mean: Array
@@ -191,11 +193,16 @@ class LayerMoments:
 
     @property
     def snr(self) -> Array:
-        return jnp.square(self.mean) / self.var
+        return _snr.snr(self.mean, self.var)
 
     @property
     def snr_db(self) -> Array:
-        return 10.0 * jnp.log10(self.snr)
+        return _snr.snr_db(self.mean, self.var)
+
+    @property
+    def layer_snr_db(self) -> Array:
+        """The layer summary ``10·log10(Σ mean² / Σ var)`` over all features (and examples)."""
+        return _snr.layer_snr_db(self.mean, self.var)
 
     @property
     def n_factors(self) -> int:

@@ -56,6 +56,7 @@ else:
     from . import config as _config
 
 from noisejax import data, layers, mitigate, noise, rng, train
+from noisejax import snr as snr_lib
 
 NOISE_TYPES = _config.NOISE_TYPES
 METHODS = ("plain", "pooled", "ghost", "pooled+ghost", "noise_aware", "moment_reg", "combined")
@@ -82,10 +83,8 @@ class _Eval:
         self.output_var = np.asarray(res.output_var, np.float64)
         self.mean_accuracy = float(self.accuracy.mean())
         self.accuracy_std = float(self.accuracy.std())
-        R = len(self.accuracy)
-        noise_power = float(self.output_var.sum())  # same estimator as NoisyEval.snr
-        signal = float(np.square(self.output_mean).sum()) - (noise_power / R if R > 1 else 0.0)
-        self.snr = signal / noise_power if noise_power > 0 else math.inf
+        R = len(self.accuracy)  # the estimator of NoisyEval.snr (noisejax.snr.layer_snr, unbiased signal)
+        self.snr = float(snr_lib.layer_snr(self.output_mean, self.output_var, count=R if R > 1 else None))
 
 
 def _flip_probability(d: float) -> float:

@@ -8,7 +8,7 @@ weights are cached as ``model.npz`` (no pickle) in the experiment's folder.  The
   layer, one type at a time) on ``n_inputs`` test inputs: Monte Carlo
   (:func:`noisejax.simulate.monte_carlo`) against the analytic moments
   (:func:`noisejax.moments.predict`, Gaussian moment matching).  The layer SNR is
-  ``10·log10(⟨m²⟩ / ⟨var⟩)`` with ``⟨·⟩`` the mean over inputs and neurons.
+  ``10·log10(Σ m² / Σ var)`` with the sums over inputs and neurons (:mod:`noisejax.snr`).
 * **Accuracy vs noise intensity** on the test set for each noise type, with
   :func:`noisejax.train.make_evaluator` (realizations ``vmap``-ped, one compile
   for the whole sweep).
@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from noisejax import data, layers, moments, noise, rng, simulate, train
+from noisejax import snr as snr_lib
 from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, load_arrays, save_arrays, to_jsonable
 
 NAME = "trained_mlp_snr"
@@ -114,9 +115,8 @@ def _clean_accuracy(net):
 
 
 def _layer_snr_db(mean, var) -> float:
-    s = float(np.mean(np.square(mean)))
-    v = float(np.mean(var))
-    return 10.0 * math.log10(s / v) if v > 0 and s > 0 else float("nan")
+    """The layer summary of :mod:`noisejax.snr`: ``10·log10(Σ m² / Σ var)`` over inputs and neurons."""
+    return float(snr_lib.layer_snr_db(np.asarray(mean, np.float64), np.asarray(var, np.float64)))
 
 
 def snr_per_layer(net, params, x, cfg, key) -> dict:
@@ -265,7 +265,7 @@ def figure(snr: dict, acc: dict, info: dict, cfg) -> bytes:
     ax.plot([], [], "ko", mfc="none", label="Monte Carlo")
     ax.set_xticks(idx)
     ax.set_xlabel("layer (last = output)")
-    ax.set_ylabel("SNR (dB)  =  10 log10(⟨m²⟩ / ⟨var⟩)")
+    ax.set_ylabel("layer SNR (dB) = 10 log10(Σ mean² / Σ var)")
     ax.set_title(f"per-layer SNR, D = {cfg.noise_variance:g} at every layer, {cfg.realizations} realizations", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
