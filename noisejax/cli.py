@@ -248,6 +248,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _package_version() -> str:
+    from noisejax import __version__
+
+    return __version__
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -403,7 +409,7 @@ def _propagate(args) -> int:
 
     if args.json:
         out = {
-            "noisejax_version": _version().split()[1],
+            "noisejax_version": _package_version(),
             "realizations": args.realizations,
             "seed": args.seed,
             "settings": st,
@@ -510,7 +516,7 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
         rows.append(row)
     lines = _settings_lines(st) + _table(header, rows)
     doc = {
-        "noisejax_version": _version().split()[1],
+        "noisejax_version": _package_version(),
         "settings": st,
         "snr_definition": snr_lib.DEFINITION,
         "swept": {k: list(ranges[k].values) for k in swept},

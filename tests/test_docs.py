@@ -97,3 +97,19 @@ def test_broken_reference_fails_the_build(needs_mkdocs, tmp_path):
     page.write_text(original + "\nSee [a missing page](no_such_page.md).\n", encoding="utf-8")
     proc = _build(copy / "mkdocs.yml", tmp_path / "site2")
     assert proc.returncode != 0 and "no_such_page.md" in proc.stderr
+
+
+def test_docstrings_are_read_as_markdown():
+    """The griffe extension: reST roles become inline code, ``::`` blocks fenced code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sphinx_roles", DOCS / "_ext" / "sphinx_roles.py")
+    if importlib.util.find_spec("griffe") is None:
+        pytest.skip("griffe not installed (pip install -e '.[docs]')")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = "See :func:`noisejax.snr.snr_db` and :class:`~x.Y`.\n\nExample::\n\n    >>> f(1)\n    2\n\nDone."
+    md = mod.to_markdown(text)
+    assert "`noisejax.snr.snr_db`" in md and "`x.Y`" in md and ":func:" not in md and ":class:" not in md
+    assert "**Example**\n\n```python\n>>> f(1)\n2\n```\n\nDone." in md
+    assert mod.to_markdown("a formula::\n\n      y = f(x)\n") == "a formula:\n\n```text\ny = f(x)\n```\n"
