@@ -710,7 +710,7 @@ def run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=round(sum(expected.values()), 1), desc="noisejax reproduce",
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, {postfix}", position=0)
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", position=0)
     t_start = time.perf_counter()
     try:
         for i, name in enumerate(names):
