@@ -25,6 +25,8 @@ Namespaces (imported on first use)::
     noisejax.rules      the moment rule of every primitive
     noisejax.gaussian   Gaussian states: mean and noise as loadings on latent sources
     noisejax.quadrature Gaussian expectations of elementwise functions
+    noisejax.snr        the signal-to-noise ratio (per output, layer summary)
+    noisejax.convert    WEIGHTS.npz files; PyTorch / Flax dense weights into them
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ _SUBMODULES = (
     "models",
     "checkpoint",
     "store",
+    "snr",
+    "convert",
     "federated",
     "reproduce",
     "data",

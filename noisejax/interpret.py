@@ -56,6 +56,7 @@ from flax import struct
 from noisejax import _jaxpr
 from noisejax import gaussian as G
 from noisejax import rules as R
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import (
     AdditiveWeightNoise,
@@ -103,7 +104,8 @@ class Prediction:
       mean: ``E[y]`` per output element.
       var: ``Var[y]`` per output element (the quantity Monte Carlo's ``var`` estimates).
 
-    Derived: ``std``, ``snr`` (``mean²/var``), ``snr_db``.
+    Derived (definitions in :mod:`noisejax.snr`): ``std``, ``snr`` (``mean²/var``),
+    ``snr_db``, ``layer_snr_db`` (``10·log10(Σ mean² / Σ var)`` per leaf).
     """
 
     mean: PyTree
@@ -115,11 +117,15 @@ class Prediction:
 
     @property
     def snr(self) -> PyTree:
-        return jax.tree_util.tree_map(lambda m, v: jnp.square(m) / v, self.mean, self.var)
+        return jax.tree_util.tree_map(_snr.snr, self.mean, self.var)
 
     @property
     def snr_db(self) -> PyTree:
-        return jax.tree_util.tree_map(lambda s: 10.0 * jnp.log10(s), self.snr)
+        return jax.tree_util.tree_map(_snr.snr_db, self.mean, self.var)
+
+    @property
+    def layer_snr_db(self) -> PyTree:
+        return jax.tree_util.tree_map(_snr.layer_snr_db, self.mean, self.var)
 
 
 # ----------------------------------------------------------------------------------

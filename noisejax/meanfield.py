@@ -60,6 +60,7 @@ from jax import lax
 from noisejax import _validate
 from noisejax import layers as _layers
 from noisejax import moments as _moments
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import NeuronNoise
 
@@ -96,7 +97,8 @@ class MeanField:
 
     @property
     def snr_db(self) -> Array:
-        return 10.0 * jnp.log10(jnp.square(self.mean) / self.var)
+        """Per-neuron ``10·log10(mean² / var)`` (:func:`noisejax.snr.snr_db`)."""
+        return _snr.snr_db(self.mean, self.var)
 
 
 @struct.dataclass

@@ -61,6 +61,7 @@ import numpy as np
 
 from noisejax import _validate, layers
 from noisejax import simulate as _simulate
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
@@ -461,5 +462,4 @@ def output_snr(
     res = _simulate.monte_carlo(
         lambda k: layers.apply_batch(net, params, x, key=k, noise=noise), key, n_realizations, **mc_kwargs
     )
-    noise_power = jnp.sum(res.var)
-    return (jnp.sum(jnp.square(res.mean)) - noise_power / res.count) / noise_power
+    return _snr.layer_snr(res.mean, res.var, count=res.count)

@@ -56,6 +56,7 @@ from noisejax import _validate
 from noisejax import gaussian as G
 from noisejax import interpret as _interp
 from noisejax import rules as _rules
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.noise import LocalWeightNoise, NeuronNoise
 from noisejax.quadrature import METHODS, _DEFAULT_QUAD, activation_moments
@@ -103,7 +104,8 @@ class LayerMoments:
         (``A`` is a layer's ``Wᵀ``, shared by the examples of a batch); ``None``: none.
 
     Derived: ``var`` (per-feature noise variance, the quantity Monte Carlo
-    estimates), ``std``, ``snr`` (``mean²/var``), ``snr_db``, ``n_factors``.
+    estimates), ``std``, ``snr`` (``mean²/var``), ``snr_db``, ``layer_snr_db``
+    (``10·log10(Σ mean² / Σ var)``; definitions in :mod:`noisejax.snr`), ``n_factors``.
     """
 
     mean: Array
@@ -134,11 +136,16 @@ class LayerMoments:
 
     @property
     def snr(self) -> Array:
-        return jnp.square(self.mean) / self.var
+        return _snr.snr(self.mean, self.var)
 
     @property
     def snr_db(self) -> Array:
-        return 10.0 * jnp.log10(self.snr)
+        return _snr.snr_db(self.mean, self.var)
+
+    @property
+    def layer_snr_db(self) -> Array:
+        """The layer summary ``10·log10(Σ mean² / Σ var)`` over all features (and examples)."""
+        return _snr.layer_snr_db(self.mean, self.var)
 
     @property
     def n_factors(self) -> int:

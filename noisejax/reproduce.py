@@ -16,7 +16,9 @@ The result dict is stored whole in ``results.json``.  Two keys are read:
 
 * ``"claims"``: a list of ``{"claim", "figure", "measured", "holds", "note"}``
   (see :func:`claim`; ``figure`` is the paper's figure, ``holds`` a bool or
-  ``None`` for "not evaluated"), turned into the claims table of ``report.md``;
+  ``None`` for a claim reported without a threshold), turned into the claims table
+  of ``report.md`` under the summary line "N hold, M do not, K reported without a
+  threshold";
 * ``"figures"``: PNG paths (relative to ``out_dir`` or absolute inside it); without
   it every ``*.png`` of ``out_dir`` is taken.
 
@@ -86,6 +88,7 @@ __all__ = [
     "get_config",
     "fingerprint",
     "claim",
+    "claims_summary",
     "run",
     "main",
     "import_file",
@@ -111,6 +114,17 @@ EXPERIMENTS: tuple[str, ...] = (
     "noisy_inference",
     "noisy_federated",
 )
+#: Wall seconds of each experiment's ``default`` config on the 2-core CPU (a measured run): the
+#: weights of the overall progress and ETA.  An experiment missing here counts as the median;
+#: a stored record in the report folder (an earlier run on this machine) takes precedence.
+_EXPECTED_SECONDS: dict[str, float] = {
+    "symmetric_depth": 11.0,
+    "trained_mlp_snr": 19.0,
+    "connection_matrix": 29.0,
+    "mitigation": 48.0,
+    "noisy_inference": 255.0,
+    "noisy_federated": 121.0,
+}
 CONFIG_NAMES: tuple[str, ...] = ("tiny", "default", "full")
 CONFIG_ENV = "NOISEJAX_REPRODUCE_CONFIG"
 RECORD_FORMAT = 1
@@ -468,6 +482,40 @@ def _failed(name: str, run_dir: Path, exc: BaseException, wall: float, cpu: floa
             "wall_seconds": wall, "cpu_seconds": cpu}
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _expected_seconds(name: str, out: Path) -> float:
+    """Expected wall time of an experiment: an earlier run's in this report folder, else the table."""
+    stored = read_checked_json(safe_join(out, "runs", name, "record.json"))
+    if isinstance(stored, dict) and isinstance(stored.get("wall_seconds"), (int, float)) and stored["wall_seconds"] > 0 \
+            and not stored.get("result", {}).get("points_reused"):
+        return float(stored["wall_seconds"])
+    if name in _EXPECTED_SECONDS:
+        return _EXPECTED_SECONDS[name]
+    known = sorted(_EXPECTED_SECONDS.values())
+    return known[len(known) // 2] if known else 60.0
+
+
+def _eta_seconds(remaining_expected: list, actual_done: float, expected_done: float) -> float:
+    """Time left: the remaining experiments' expected times, scaled by this run's actual/expected ratio so far."""
+    speed = actual_done / expected_done if expected_done > 0 else 1.0
+    return speed * float(sum(remaining_expected))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _note(progress: bool, msg: str) -> None:
     if progress:
         try:
@@ -494,7 +542,21 @@ def _cell(x: Any) -> str:
 
 
 def _holds_text(h: Optional[bool]) -> str:
-    return "not evaluated" if h is None else ("**holds**" if h else "**does not hold**")
+    return "reported (no threshold)" if h is None else ("**holds**" if h else "**does not hold**")
+
+
+def claims_summary(experiments: dict) -> dict:
+    """Counts over every claim of the report: ``{"hold", "do_not_hold", "no_threshold"}``."""
+    claims = [c for rec in experiments.values() for c in (rec.get("claims") or [])]
+    return {"hold": sum(c["holds"] is True for c in claims),
+            "do_not_hold": sum(c["holds"] is False for c in claims),
+            "no_threshold": sum(c["holds"] is None for c in claims)}
+
+
+def claims_summary_line(experiments: dict) -> str:
+    """``"N hold, M do not, K reported without a threshold"`` (the report's summary line)."""
+    c = claims_summary(experiments)
+    return f"{c['hold']} hold, {c['do_not_hold']} do not, {c['no_threshold']} reported without a threshold"
 
 
 def _write_report(out: Path, summary: dict) -> None:
@@ -504,6 +566,8 @@ def _write_report(out: Path, summary: dict) -> None:
         "",
         f"Configuration `{summary['config']}` · generated {summary['generated']} · noisejax {summary['noisejax_version']}"
         f" · JAX {summary['jax_version']} on {summary['devices']} · Python {summary['python']}",
+        "",
+        f"Claims: {claims_summary_line(exps)}.",
         "",
         "Papers: **A** = Semenova, Larger & Brunner, *Understanding and mitigating noise in trained deep neural networks*,"
         " Neural Networks 146 (2022); **B** = Shao, Liew & Gündüz, *Denoising noisy neural networks: a Bayesian approach"
@@ -533,7 +597,9 @@ def _write_report(out: Path, summary: dict) -> None:
         )
     lines += ["", "Times are those of the run that computed the result (a reused result keeps its original time; "
               "a resumed one only counts the points computed in that run — `--force` recomputes everything).", ""]
-    lines += ["## Claims", "", "| # | claim | paper's figure | our measured value | holds |", "|---:|---|---|---|---|"]
+    lines += ["## Claims", "", f"**{claims_summary_line(exps)}.** A claim without a threshold in the paper is "
+              "reported with our measured value, not judged.", "",
+              "| # | claim | paper's figure | our measured value | holds |", "|---:|---|---|---|---|"]
     k = 0
     for name, rec in exps.items():
         for c in rec.get("claims") or []:
@@ -634,25 +700,41 @@ def run(
 
     names = [only] if only else list(EXPERIMENTS)
     records: dict[str, dict] = {}
+    # Progress: a bar weighted by each experiment's expected time on a terminal; plain
+    # lines (no carriage returns) when stderr is a log file or a pipe.
+    interactive = progress and _isatty(sys.stderr)
+    expected = {n: _expected_seconds(n, out_path) for n in names}
+    done = {"actual": 0.0, "expected": 0.0}  # computed (not reused) experiments: the machine's speed
     bar = None
-    if progress:
+    if interactive:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(names), desc="noisejax reproduce", unit="exp", position=0)
+        bar = tqdm(total=round(sum(expected.values()), 1), desc="noisejax reproduce",
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", position=0)
+    t_start = time.perf_counter()
     try:
-        for name in names:
+        for i, name in enumerate(names):
+            eta = _eta_seconds([expected[n] for n in names[i:]], done["actual"], done["expected"])
+            step = f"[{i + 1}/{len(names)}] {name}"
             if bar is not None:
-                bar.set_postfix_str(name)
-            rec = _run_one(name, out=out_path, config_name=config, force=force, data_dir=data_dir, progress=progress, root=base)
+                bar.set_postfix_str(f"{step}, about {_duration(eta)} left", refresh=True)
+            elif progress:
+                this = _eta_seconds([expected[name]], done["actual"], done["expected"])
+                _note(progress, f"{step}: running (expected ~{_duration(this)}; all remaining ~{_duration(eta)}; "
+                                f"{_duration(time.perf_counter() - t_start)} elapsed)")
+            rec = _run_one(name, out=out_path, config_name=config, force=force, data_dir=data_dir, progress=interactive, root=base)
             records[name] = rec
+            if rec["status"] == "ok" and not rec.get("reused") and rec.get("wall_seconds"):
+                done["actual"] += rec["wall_seconds"]
+                done["expected"] += expected[name]
             if progress:
                 if rec["status"] == "ok":
                     how = "reused" if rec.get("reused") else f"done in {rec['wall_seconds']:.1f} s (CPU {rec['cpu_seconds']:.1f} s)"
                 else:
                     how = f"{rec['status']}: {rec.get('error', '')}"
-                _note(progress, f"{name}: {how}")
+                _note(progress, f"{step}: {how}")
             if bar is not None:
-                bar.update(1)
+                bar.update(round(expected[name], 1))
     finally:
         if bar is not None:
             bar.close()
@@ -678,6 +760,7 @@ def run(
         "devices": ", ".join(sorted({d.platform for d in jax.devices()})) + f" ({len(jax.devices())} device(s))",
         "python": platform.python_version(),
         "only": only,
+        "claims": claims_summary(ordered),
         "experiments": ordered,
     }
     atomic_write_json(out_path / "results.json", summary)

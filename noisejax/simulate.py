@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from noisejax import _validate
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError
 
 __all__ = ["MCResult", "Welford", "monte_carlo", "realization_keys", "merge", "finalize"]
@@ -88,7 +89,9 @@ class MCResult:
       mean: sample mean, same pytree structure/shapes as ``fn(key)``.
       var: unbiased sample variance ``Σ(x - x̄)² / (n - 1)``.
 
-    Derived: ``std``, ``stderr`` (``√(var/n)``), ``snr`` (``mean² / var``), ``snr_db``.
+    Derived: ``std``, ``stderr`` (``√(var/n)``), ``snr`` (``mean² / var``), ``snr_db``
+    (per output) and ``layer_snr_db`` (``10·log10(Σ mean² / Σ var)``, one number per
+    leaf) — the definitions of :mod:`noisejax.snr`.
     """
 
     count: jax.Array
@@ -105,11 +108,16 @@ class MCResult:
 
     @property
     def snr(self) -> PyTree:
-        return jax.tree_util.tree_map(lambda m, v: jnp.square(m) / v, self.mean, self.var)
+        return jax.tree_util.tree_map(_snr.snr, self.mean, self.var)
 
     @property
     def snr_db(self) -> PyTree:
-        return jax.tree_util.tree_map(lambda s: 10.0 * jnp.log10(s), self.snr)
+        return jax.tree_util.tree_map(_snr.snr_db, self.mean, self.var)
+
+    @property
+    def layer_snr_db(self) -> PyTree:
+        """Per leaf (e.g. per layer of ``return_layers`` outputs): ``10·log10(Σ mean² / Σ var)``."""
+        return jax.tree_util.tree_map(_snr.layer_snr_db, self.mean, self.var)
 
 
 def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:

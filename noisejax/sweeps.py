@@ -350,42 +350,85 @@ def plot_accuracy_curves(
     xlabel: str = "WNR (dB)",
     ylabel: str = "test accuracy",
     styles: Optional[Mapping[str, dict]] = None,
+    panels: Optional[Sequence[tuple[str, Sequence[str]]]] = None,
+    reference: Optional[str] = None,
+    band_label: str = "±1 std over realizations",
+    target_label: str = "accuracy target of the dB gains",
 ) -> str:
     """Mean ± 1 std vs WNR for each curve (``(W, R)`` arrays or ``(W,)`` means) to a PNG at ``path``.
 
-    ``styles`` maps a curve name to extra matplotlib line keywords (e.g. ``{"ls": "--"}``).
-    With more than six curves the legend goes to the right of the axes.
+    Args:
+      styles: maps a curve name to extra matplotlib line keywords (e.g. ``{"ls": "--"}``).
+      panels: ``[(panel title, [curve names]), ...]`` — one panel each, side by side
+        with a shared y axis (a crowded figure split up); curves of no panel are not
+        drawn.  ``None``: one panel with every curve.
+      reference: a curve drawn in every panel (e.g. ``"ML"``), in black.
+      band_label, target_label: legend text of the shaded bands and of the dotted
+        horizontal lines at ``targets``.
+
+    A curve keeps its colour in every panel; within a panel curves differ by marker and
+    dash too, and the reference is a wide translucent line underneath, so curves that
+    coincide stay visible.  Bands (±1 std) are drawn for the reference and, when a panel
+    has at most two other curves, for those too (more would hide each other).  The
+    legend of each panel is under it; ``styles[name]["label"]`` renames a curve there.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     w = np.asarray(wnr_db, dtype=float)
-    outside = len(curves) > 6
-    fig, ax = plt.subplots(figsize=(9.5 if outside else 6.0, 4.2), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#000000", "#8c564b", "#7f7f7f"]
-    for i, (name, acc) in enumerate(curves.items()):
-        a = np.asarray(acc, dtype=float)
-        mean = a.mean(axis=1) if a.ndim == 2 else a
-        kw = {"marker": "o", "ms": 3, "color": colors[i % len(colors)], **((styles or {}).get(name, {}))}
-        (line,) = ax.plot(w, mean, label=name, **kw)
-        if a.ndim == 2 and a.shape[1] > 1:
-            std = a.std(axis=1)
-            ax.fill_between(w, mean - std, mean + std, color=line.get_color(), alpha=0.12 if outside else 0.2, lw=0)
-    for t in targets:
-        ax.axhline(t, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    names = list(curves)
+    if panels is None:
+        panels = [("", names)]
+    panels = [(t, [n for n in ns if n in curves]) for t, ns in panels]
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
+    others = [n for n in names if n != reference]
+    color = {n: palette[i % len(palette)] for i, n in enumerate(others)}
+    if reference is not None:
+        color[reference] = "#000000"
+    n_panels = len(panels)
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels if n_panels > 1 else 6.4, 5.0), dpi=120,
+                             sharey=True, squeeze=False)
+    markers, dashes = ("o", "s", "^", "D", "v", "x"), ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), ":", "-")
+    for ax, (panel_title, members) in zip(axes[0], panels):
+        shown = ([reference] if reference is not None and reference in curves and reference not in members else []) + members
+        banded = [n for n in shown if n == reference or len([m for m in shown if m != reference]) <= 2]
+        for i, name in enumerate(shown):
+            a = np.asarray(curves[name], dtype=float)
+            mean = a.mean(axis=1) if a.ndim == 2 else a
+            if name == reference:
+                kw = {"marker": "o", "ms": 4, "lw": 4.5, "alpha": 0.45, "zorder": 1}
+            else:
+                j = i - (reference in shown)
+                kw = {"marker": markers[j % len(markers)], "ms": 3.5, "ls": dashes[j % len(dashes)], "lw": 1.4,
+                      "mfc": "none", "zorder": 3}
+            kw = {"color": color[name], "label": name, **kw, **((styles or {}).get(name, {}))}
+            (line,) = ax.plot(w, mean, **kw)
+            if name in banded and a.ndim == 2 and a.shape[1] > 1:
+                std = a.std(axis=1)
+                ax.fill_between(w, mean - std, mean + std, color=line.get_color(), alpha=0.13, lw=0, zorder=0)
+        for t in targets:
+            ax.axhline(t, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel(xlabel)
+        if panel_title:
+            ax.set_title(panel_title, fontsize=9.5)
+        ax.grid(alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if targets:
+            handles.append(Line2D([], [], color="gray", lw=0.8, ls=":",
+                                  label=f"{target_label} ({', '.join(f'{100 * t:g} %' for t in targets)})"))
+        if any(np.ndim(curves[n]) == 2 and np.shape(curves[n])[1] > 1 for n in banded):
+            only = "" if len(banded) == len(shown) else f" ({', '.join(banded)} only)"
+            handles.append(Patch(color="gray", alpha=0.3, lw=0, label=band_label + only))
+        ax.legend(handles=handles, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    axes[0][0].set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    if outside:
-        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    else:
-        ax.legend(fontsize=8)
+        fig.suptitle(title, fontsize=10.5)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -51,6 +51,7 @@ from flax import struct
 from jax import lax
 
 from noisejax import _validate, layers
+from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
@@ -574,9 +575,7 @@ class NoisyEval:
         do not pull the SNR of a weak signal towards ``R``.
         """
         R = self.accuracy.shape[0]
-        noise_power = jnp.sum(self.output_var)
-        signal = jnp.sum(jnp.square(self.output_mean)) - (noise_power / R if R > 1 else 0.0)
-        return signal / noise_power
+        return _snr.layer_snr(self.output_mean, self.output_var, count=R if R > 1 else None)
 
 
 def make_evaluator(net: layers.Layer, *, n_realizations: int = 32) -> Callable[..., NoisyEval]:

@@ -1,6 +1,7 @@
 """The `noisejax propagate` contract: JSON shape, reproducibility, and one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,11 @@ def files(tmp_path_factory):
     np.save(d / "x_str.npy", np.array(["a"] * 5))
     (d / "garbage.npz").write_bytes(b"not a zip file")
     np.save(d / "x_obj.npy", np.array([object()] * 5, dtype=object), allow_pickle=True)
+    np.save(d / "w.npy", W0)
+    np.savez(d / "torch_layout.npz", W0=W0.T, W1=W1.T)  # PyTorch's (out, in)
+    np.savez(d / "torch_one.npz", W0=W0.T)  # one layer: the input shows it
+    np.savez(d / "state_dict.npz", **{"0.weight": W0.T, "0.bias": b0, "2.weight": W1.T})
+    np.savez(d / "xb.npz", x=np.zeros(5))
     return d, dict(W0=W0, b0=b0, W1=W1)
 
 
@@ -89,9 +95,124 @@ def test_same_seed_same_numbers_for_any_chunk_size(files, capsys):
 
 def test_table_output(files, capsys):
     d, _ = files
-    rc, out, _ = run(capsys, "propagate", d / "w.npz", "--input", d / "x1.npy", "--activation", "sigmoid",
-                     "--add-uncorrelated", "1e-3", "--realizations", "32")
-    assert rc == 0 and "SNR dB" in out and len(out.strip().splitlines()) == 5
+    rc, out, err = run(capsys, "propagate", d / "w.npz", "--input", d / "x1.npy", "--activation", "sigmoid",
+                       "--add-uncorrelated", "1e-3", "--realizations", "32", "--method", "both")
+    assert rc == 0 and err == ""
+    lines = out.strip().splitlines()
+    # the run's settings first, then the table: header, rule, one row per layer
+    assert f"{d / 'w.npz'}" in lines[0] and "widths 5-4-3" in lines[0] and "1 example" in lines[0]
+    assert "activation sigmoid" in lines[1] and "add_uncorrelated=0.001" in lines[1]
+    assert "realizations=32" in lines[2] and "seed=0" in lines[2] and "moment-method=gaussian" in lines[2]
+    assert lines[3].startswith("SNR = 10 log10(sum mean^2 / sum var)")
+    table = lines[4:]
+    assert len(table) == 4 and "MC SNR dB" in table[0] and "analytic SNR dB" in table[0]
+    # aligned: the rule's dash runs are the columns; every cell fills its column's right end
+    # (numbers right-aligned) and a space separates it from the previous column
+    spans = [m.span() for m in re.finditer(r"-+", table[1])]
+    assert len(spans) == 9
+    for t in [table[0]] + table[2:]:
+        assert len(t) == spans[-1][1], t
+        for a, b in spans[1:]:
+            assert t[b - 1] != " " and t[a - 1] == " ", (t, a, b)
+
+
+def test_json_has_settings_snr_and_standard_errors(files, capsys):
+    d, _ = files
+    rc, out, _ = run(capsys, "propagate", d / "w.npz", "--input", d / "xb.npy", "--activation", "tanh",
+                     "--activation-out", "linear", "--add-correlated", "1e-2", "--realizations", "128",
+                     "--method", "both", "--json")
+    doc = json.loads(out)
+    st = doc["settings"]
+    assert st["noise"] == {"add_uncorrelated": 0.0, "add_correlated": 0.01, "mul_uncorrelated": 0.0, "mul_correlated": 0.0}
+    assert st["activation"] == "tanh" and st["activation_out"] == "linear" and st["widths"] == [5, 4, 3]
+    assert st["realizations"] == 128 and st["inputs"] == 2 and st["method"] == "both" and st["rng"] == "fast"
+    assert "sum(mean^2)/sum(var)" in doc["snr_definition"]
+    for layer, width in zip(doc["layers"], (4, 3)):
+        assert layer["width"] == width
+        mc = layer["mc"]
+        m, v = np.asarray(mc["mean"]), np.asarray(mc["var"])
+        np.testing.assert_allclose(mc["mean_stderr"], np.sqrt(v / 128), rtol=1e-6)
+        assert mc["snr_db"] == pytest.approx(10 * np.log10((m**2).sum() / v.sum()), abs=1e-6)
+        assert 0 < mc["snr_db_stderr_bound"] < 3
+        assert abs(mc["snr_db"] - layer["analytic"]["snr_db"]) < 3 * mc["snr_db_stderr_bound"]
+
+
+def test_zero_noise_warns_and_json_stays_valid(files, capsys):
+    d, _ = files
+    rc, out, err = run(capsys, "propagate", d / "w.npz", "--input", d / "x1.npy", "--activation", "tanh",
+                       "--method", "analytic", "--json")
+    assert rc == 0 and err.startswith("noisejax: warning: all noise variances are 0") and len(err.splitlines()) == 1
+    doc = json.loads(out)  # strict JSON: an infinite SNR is null, not Infinity
+    assert doc["layers"][0]["analytic"]["snr_db"] is None and "Infinity" not in out
+
+
+def test_sweep_writes_table_json_and_png(files, capsys, tmp_path):
+    d, _ = files
+    out_dir = tmp_path / "sweep"
+    rc, out, err = run(capsys, "propagate", d / "w.npz", "--input", d / "xb.npy", "--activation", "sigmoid",
+                       "--add-uncorrelated", "1e-4:1e-1:4", "--mul-correlated", "1e-3", "--realizations", "256",
+                       "--method", "both", "--seed", "2", "--sweep", out_dir)
+    assert rc == 0, err
+    assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out_dir / "sweep.txt").read_text()
+    assert table.strip() in out and "add_uncorrelated D" in table and "MC L1 SNR dB" in table
+    doc = json.loads((out_dir / "sweep.json").read_text())
+    assert doc["swept"]["add_uncorrelated"] == pytest.approx([1e-4, 1e-3, 1e-2, 1e-1])
+    assert doc["settings"]["noise"]["mul_correlated"] == 1e-3
+    mc1 = doc["layers"][1]["mc"]["snr_db"]
+    assert len(mc1) == 4 and all(a > b for a, b in zip(mc1, mc1[1:]))  # more noise, lower SNR
+    # each point is the plain run at that intensity (same seed: same draws), and near the analytic value
+    rc, out, _ = run(capsys, "propagate", d / "w.npz", "--input", d / "xb.npy", "--activation", "sigmoid",
+                     "--add-uncorrelated", "1e-2", "--mul-correlated", "1e-3", "--realizations", "256",
+                     "--seed", "2", "--json")
+    single = json.loads(out)["layers"][1]["mc"]["snr_db"]
+    assert mc1[2] == pytest.approx(single, abs=1e-3)
+    an1 = doc["layers"][1]["analytic"]["snr_db"]
+    bound = doc["layers"][1]["mc"]["snr_db_stderr_bound"]
+    assert all(abs(a - b) < 3 * e for a, b, e in zip(mc1, an1, bound))
+
+
+def test_help_shows_defaults_and_version(capsys):
+    assert cli.main(["propagate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: 10000)" in out and "(default: gaussian)" in out and "(default: fast)" in out
+    assert "START:STOP:N" in out
+    assert cli.main(["demo", "--help"]) == 0
+    assert "(default: 30)" in capsys.readouterr().out
+    assert cli.main(["--version"]) == 0
+    from noisejax import __version__
+
+    assert capsys.readouterr().out.startswith(f"noisejax {__version__} (jax ")
+
+
+def test_python_dash_m_noisejax(files):
+    proc = subprocess.run([sys.executable, "-m", "noisejax", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("noisejax ")
+    d, _ = files
+    proc = subprocess.run([sys.executable, "-m", "noisejax", "propagate", str(d / "w.npz"), "--input", str(d / "x1.npy"),
+                           "--activation", "tanh", "--add_uncorrelated", "1e-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "did you mean --add-uncorrelated?" in proc.stderr
+
+
+def test_demo_end_to_end_and_save(tmp_path, capsys):
+    """The demo trains, prints its table and saves a network that propagate reads (tiny settings)."""
+    w, x = tmp_path / "demo.npz", tmp_path / "x.npy"
+    rc, out, err = run(capsys, "demo", "--epochs", "1", "--realizations", "32", "--inputs", "3",
+                       "--save", w, "--save-inputs", x)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("sigmoid MLP 64-64-64-10 on scikit-learn digits") and "clean test accuracy" in lines[0]
+    for name in ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated"):
+        assert any(line.startswith(name) for line in lines)
+    assert f"saved the trained network to {w}" in out
+    with np.load(w) as z:
+        assert sorted(z.files) == ["W0", "W1", "W2", "b0", "b1", "b2"] and z["W0"].shape == (64, 64) and z["W2"].shape == (64, 10)
+    assert np.load(x).shape == (3, 64)
+    rc, out, err = run(capsys, "propagate", w, "--input", x, "--activation", "sigmoid", "--add-uncorrelated", "1e-3",
+                       "--realizations", "32", "--json")
+    assert rc == 0, err
+    assert [layer["width"] for layer in json.loads(out)["layers"]] == [64, 64, 10]
 
 
 BAD = [
@@ -125,6 +246,26 @@ BAD = [
     (["propagate", "{d}/w.npz", "--activation", "tanh"], "--input"),
     (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy"], "--activation"),
     (["frobnicate"], "invalid choice"),
+    (["propogate"], "did you mean propagate?"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--add_uncorrelated", "1e-3"],
+     "did you mean --add-uncorrelated?"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--realisations", "9"],
+     "did you mean --realizations?"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--method", "bot"], "did you mean both?"),
+    (["propagate", "{d}/w.npy", "--input", "{d}/x1.npy", "--activation", "tanh"], "not an .npz archive"),
+    (["propagate", "{d}/torch_layout.npz", "--input", "{d}/x1.npy", "--activation", "tanh"], "transpose"),
+    (["propagate", "{d}/torch_one.npz", "--input", "{d}/x1.npy", "--activation", "tanh"], "transpose"),
+    (["propagate", "{d}/state_dict.npz", "--input", "{d}/x1.npy", "--activation", "tanh"], "noisejax convert"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/xb.npz", "--activation", "tanh"], "npz"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--add-uncorrelated", "1e-3:1e-1:4"],
+     "--sweep"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--sweep", "{d}/s"], "range"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--add-uncorrelated", "0:1:4"], "> 0"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--add-uncorrelated", "1e-3:1"], "START:STOP:N"),
+    (["propagate", "{d}/w.npz", "--input", "{d}/x1.npy", "--activation", "tanh", "--add-uncorrelated", "1e-3:1e-1:4",
+      "--mul-uncorrelated", "1e-3:1e-1:3", "--sweep", "{d}/s"], "same number of points"),
+    (["demo", "--epochs", "0"], "epochs"),
+    (["demo", "--noise-variance", "-1"], "noise-variance"),
 ]
 
 

@@ -49,7 +49,8 @@ def main(config, out_dir, *, progress=False):
     Path(out_dir, "fig.png").write_bytes(PNG)
     return {{
         "claims": [claim("value is positive", "Fig. 1", config["value"], config["value"] > 0, "a | pipe"),
-                   {{"text": "synonym keys work", "paper_figure": "Fig. 2", "value": [1, 2], "ok": False}}],
+                   {{"text": "synonym keys work", "paper_figure": "Fig. 2", "value": [1, 2], "ok": False}},
+                   claim("a measured number", "Fig. 3", 0.5, None)],
         "figures": ["fig.png"],
         "numbers": [config["value"] * i for i in range(config["n"])],
         "inf": float("inf"),
@@ -137,10 +138,44 @@ def test_end_to_end_report(fake, tmp_path):
     assert "| # | claim | paper's figure | our measured value | holds |" in report
     assert "value is positive (`symmetric_depth`) | Fig. 1 | 1.5 — a \\| pipe | **holds** |" in report
     assert "synonym keys work (`trained_mlp_snr`) | Fig. 2 | [1, 2] | **does not hold** |" in report
+    assert "a measured number (`symmetric_depth`) | Fig. 3 | 0.5 | reported (no threshold) |" in report
+    assert "not evaluated" not in report
+    # the summary line, at the top and over the claims table
+    assert report.count("2 hold, 2 do not, 2 reported without a threshold") == 2
+    assert results["claims"] == {"hold": 2, "do_not_hold": 2, "no_threshold": 2}
     assert "![symmetric_depth](figures/symmetric_depth.png)" in report
     assert "`mitigation`: **failed** — RuntimeError: boom" in report
     assert "`noisy_federated`: **missing**" in report
     assert _count(counter, "symmetric_depth") == 1
+
+
+def test_progress_lines_without_a_terminal_and_weighted_eta(fake, tmp_path, capsys, monkeypatch):
+    """stderr is not a terminal here: one plain line per step (no carriage returns), ETA from expected times."""
+    root, _ = fake
+    monkeypatch.setattr(reproduce, "_EXPECTED_SECONDS", {"symmetric_depth": 30.0, "trained_mlp_snr": 600.0,
+                                                         "mitigation": 1.0, "connection_matrix": 1.0,
+                                                         "noisy_inference": 1.0, "noisy_federated": 1.0})
+    reproduce.run(tmp_path / "report", config="tiny", root=root, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = [line for line in err.splitlines() if line.startswith("noisejax reproduce: [")]
+    n = len(reproduce.EXPERIMENTS)
+    assert lines[0].startswith(f"noisejax reproduce: [1/{n}] symmetric_depth: running (expected ~30 s; all remaining ~11 min")
+    assert lines[1].startswith(f"noisejax reproduce: [1/{n}] symmetric_depth: done in ")
+    # the second step's estimate is scaled by the first one's actual/expected time: far below 10 min
+    assert lines[2].startswith(f"noisejax reproduce: [2/{n}] trained_mlp_snr: running (expected ~")
+    assert "expected ~10 min" not in lines[2]
+    assert any(f"[{n}/{n}]" in line for line in lines) and "report written to" in err
+
+
+def test_eta_is_weighted_by_expected_time():
+    # nothing computed yet: the sum of the expected times
+    assert reproduce._eta_seconds([10.0, 250.0, 120.0], 0.0, 0.0) == 380.0
+    # the machine ran the first experiments at half the expected time: the rest scales with it
+    assert reproduce._eta_seconds([250.0, 120.0], 15.0, 30.0) == pytest.approx(185.0)
+    # one long experiment left among many done ones is not "one of seven"
+    assert reproduce._eta_seconds([255.0], 100.0, 100.0) == 255.0
+    assert reproduce._expected_seconds("no_such_experiment", Path("/nonexistent")) > 0
 
 
 def test_rerun_reuses_and_force_recomputes(fake, tmp_path):

@@ -263,8 +263,10 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
             ex = [r["mean_W_squared"] + r["var_of_neuron_means"] for r in rows]
             ax.plot(ex, [r[yk] for r in rows], "k.", ms=5, label="x = mean(W)² + Var_i mean_j W_ji (exact)")
         ident(ax, [r[xk] for r in rows] + [r[yk] for r in rows])
-        for w in widths:
-            ax.plot([], [], "o", color=color[w], mfc="none", label=f"hidden width {w}")
+        for w in widths:  # colour: the hidden width; marker shape: the training seed
+            ax.plot([], [], "o", color=color[w], mfc="none", label=f"layer of a network with hidden width {w}")
+        for i, seed in enumerate(cfg.seeds):
+            ax.plot([], [], marker[i % len(marker)], color="0.4", mfc="none", label=f"training seed {seed}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xl)
@@ -281,6 +283,8 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
             sel = net == n
             ax.plot(x[sel], y[sel], ".", color=color[info["width"]], ms=3, alpha=0.6)
         ident(ax, np.concatenate([x, y]))
+        for w in widths:
+            ax.plot([], [], ".", color=color[w], ms=6, label=f"neuron of a network with hidden width {w}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xl)
@@ -294,6 +298,12 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
+
+
+def replot(result: dict, cfg, out_dir) -> None:
+    """Re-draw the figure from a stored result (no recomputation)."""
+    an = {"layers": result["layers"], "neurons": result["neurons"]}
+    Path(out_dir, f"{NAME}.png").write_bytes(figure(an, result["models"], cfg))
 
 
 def main(config: Any = "default", out_dir: Optional[str] = None, *, data_dir: Optional[str] = None,

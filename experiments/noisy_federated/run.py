@@ -45,6 +45,32 @@ __all__ = ["main", "run_model"]
 _LABELS = {"ml": "ML", "mmse": "MMSE", "compensated": "compensated MMSE (val-selected)", "learned": "learned"}
 
 
+def _plot_model(spec, cfg, wnr, finals: dict, noise_free, png) -> None:
+    """Final test accuracy vs WNR for each denoiser; ``finals[label]`` is ``(W, seeds)``, ``noise_free`` ``(seeds,)``."""
+    curves = dict(finals)
+    curves["noise-free training (no channel noise)"] = np.tile(np.asarray(noise_free, float), (len(wnr), 1))
+    fed = spec.fed
+    sweeps.plot_accuracy_curves(
+        wnr, curves, str(png), targets=cfg.targets, reference="ML" if "ML" in curves else None,
+        ylabel=f"test accuracy after {fed.rounds} rounds",
+        band_label=f"±1 std over {cfg.n_seeds} seeds", target_label="accuracy at which the dB gains over ML are read",
+        styles={"noise-free training (no channel noise)": {"color": "k", "ls": ":", "marker": "", "lw": 1.2}},
+        title=f"Noisy federated training, {spec.name}: {fed.n_devices} devices, {fed.n_active} active per round; "
+              "the model is sent over a noisy channel\n(WNR: weight-to-noise ratio of the channel in dB; "
+              "ML = the noisy model as received, the others denoise it)",
+    )
+
+
+def replot(result: dict, cfg, out_dir) -> None:
+    """Re-draw the figures from a stored result (no recomputation)."""
+    for spec in cfg.specs:
+        res = result["models"].get(spec.name)
+        if res is None:
+            continue
+        finals = {label: np.asarray(c["final"]) for label, c in res["curves"].items()}
+        _plot_model(spec, cfg, res["wnr_db"], finals, res["noise_free"]["final"], Path(out_dir) / f"{spec.name}.png")
+
+
 def run_model(spec, cfg) -> dict:
     """All denoisers for one model; returns its JSON-ready result dict (and writes its PNG)."""
     t_start = time.perf_counter()
@@ -79,13 +105,7 @@ def run_model(spec, cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{spec.name}.png"
-    curves = dict(finals)
-    curves["noise-free"] = np.full((len(wnr), cfg.n_seeds), ref["test_accuracy"][0, :, -1])
-    sweeps.plot_accuracy_curves(
-        wnr, curves, str(png), targets=cfg.targets, ylabel=f"test accuracy after {spec.fed.rounds} rounds",
-        title=f"{spec.name}: noisy federated training, M={spec.fed.n_devices}, K={spec.fed.n_active}, "
-        f"seeds={cfg.n_seeds}",
-    )
+    _plot_model(spec, cfg, wnr, finals, ref["test_accuracy"][0, :, -1], png)
     return {
         "model": spec.model.to_dict(),
         "federated": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(spec.fed).items()},

@@ -173,15 +173,7 @@ def run_model(spec, cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{spec.name}.png"
-    hidden = ("MMSE (side info)", "compensated MMSE (test oracle)", "projection only (untrained)")
-    shown = {k: v for k, v in curves.items() if k not in hidden}
-    styles = {k: {"ls": "--"} for k in shown if k.endswith(_RECAL)}
-    styles.update({k: {"ls": ":"} for k in shown if "projection" in k})  # side information
-    styles.update({k: {"lw": 2.2} for k in shown if k.startswith("learned (affine + common mode)")})
-    sweeps.plot_accuracy_curves(
-        wnr, shown, str(png), targets=cfg.targets, styles=styles,
-        title=f"{spec.name}: noisy inference, R={cfg.n_realizations} ({cfg.reference}, {cfg.scope} WNR)",
-    )
+    _plot_model(spec.name, wnr, curves, cfg, png)
     return {
         "model": spec.model.to_dict(),
         "train": train_info,
@@ -204,6 +196,44 @@ def run_model(spec, cfg) -> dict:
         "points_reused": int(reused),
         "png": png.name,
     }
+
+
+_HIDDEN = ("MMSE (side info)", "compensated MMSE (test oracle)", "projection only (untrained)")
+
+
+def _panel(name: str) -> int:
+    """0: closed-form estimators, 1: learned denoisers, 2: with BatchNorm re-estimation."""
+    if name.endswith(_RECAL):
+        return 2
+    return 1 if name.startswith(("learned", "projection")) else 0
+
+
+def _plot_model(model_name: str, wnr, curves: dict, cfg, png) -> None:
+    """Accuracy vs WNR in panels of at most four curves, ML (black) in each; ``curves[name]`` is ``(W, R)``."""
+    shown = {k: v for k, v in curves.items() if k not in _HIDDEN and k != "ML"}
+    titles = ("closed-form estimators", "learned denoisers (trained on the validation split)",
+              "with BatchNorm statistics re-estimated after denoising")
+    panels = [(t, [k for k in shown if _panel(k) == i]) for i, t in enumerate(titles)]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if "ML" + _RECAL in shown:  # in the BN panel, ML + BN is the reference the others add to
+        panels = [(t, ([k for k in ks if k == "ML" + _RECAL] + [k for k in ks if k != "ML" + _RECAL])) for t, ks in panels]
+    styles = {k: {"ls": ":", "label": f"{k}: side information (one clean number per output channel)"}
+              for k in shown if "projection" in k}
+    sweeps.plot_accuracy_curves(
+        wnr, {"ML": curves["ML"], **shown}, str(png), targets=cfg.targets, styles=styles, panels=panels, reference="ML",
+        band_label=f"±1 std over {cfg.n_realizations} noise realizations",
+        target_label="accuracy at which the dB gains over ML are read",
+        title=f"Noisy inference, {model_name}: test accuracy of the denoised network vs weight-to-noise ratio\n"
+              f"(noise added to every weight; {cfg.scope} WNR = the weights' {cfg.reference} over the noise power, in dB; "
+              "ML = the noisy weights as received)",
+    )
+
+
+def replot(result: dict, cfg, out_dir) -> None:
+    """Re-draw the figures from a stored result (no recomputation)."""
+    for name, res in result["models"].items():
+        curves = {k: np.asarray(v["acc"]) for k, v in res["curves"].items()}
+        _plot_model(name, res["wnr_db"], curves, cfg, Path(out_dir) / f"{name}.png")
 
 
 def main(config=None) -> dict:

@@ -44,6 +44,8 @@ NAME = "symmetric_depth"
 NOISE_TYPES = ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated")
 LABELS = {"add_uncorrelated": "additive uncorr.", "add_correlated": "additive corr.",
           "mul_uncorrelated": "multiplicative uncorr.", "mul_correlated": "multiplicative corr."}
+FULL_LABELS = {"add_uncorrelated": "additive uncorrelated", "add_correlated": "additive correlated",
+               "mul_uncorrelated": "multiplicative uncorrelated", "mul_correlated": "multiplicative correlated"}
 PAPER = "A, symmetric deep networks: noise variance vs layer"
 
 
@@ -297,11 +299,12 @@ def _fmt_list(xs) -> str:
 
 def figure(points: list[dict], cfg) -> bytes:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     n = len(points)
     cols = 2
     rows = -(-n // cols)
-    fig = Figure(figsize=(11, 4.2 * rows), dpi=100)
+    fig = Figure(figsize=(11, 4.0 * rows + 1.1), dpi=100)
     colors = {"add_uncorrelated": "C0", "add_correlated": "C1", "mul_uncorrelated": "C2", "mul_correlated": "C3"}
     styles = {"add_uncorrelated": ("-", "o"), "add_correlated": ("-", "s"), "mul_uncorrelated": ("--", "^"),
               "mul_correlated": ("--", "D")}
@@ -313,7 +316,7 @@ def figure(points: list[dict], cfg) -> bytes:
             an = np.asarray(p["analytic_var"])[j]
             mc = np.asarray(p["mc_var"])[j]
             ls, mk = styles[t]
-            ax.plot(layers_, an, ls, color=colors[t], lw=1.5, label=f"{LABELS[t]}: analytic (line), MC ({mk})")
+            ax.plot(layers_, an, ls, color=colors[t], lw=1.5)
             ax.plot(layers_[::step], mc[::step], mk, color=colors[t], ms=4, mfc="none")
             lim = p["limits"][j]["var"]
             if isinstance(lim, float) and math.isfinite(lim) and p["limits"][j]["bounded"]:
@@ -323,11 +326,18 @@ def figure(points: list[dict], cfg) -> bytes:
         ax.set_xlabel("layer n")
         ax.set_ylabel(f"noise variance of a neuron (D = {cfg.noise_variance:g})")
         ax.grid(alpha=0.3, which="both")
-        if i == 0:
-            ax.plot([], [], "k:", lw=0.9, label="mean-field depth limit")
-            ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"Symmetric deep networks, N = {cfg.width}, W_ij = c/N, {cfg.realizations} realizations", fontsize=11)
-    fig.tight_layout()
+    # one legend for all panels, below them: a noise type is a colour (line + marker shape);
+    # lines are the analytic prediction, markers Monte Carlo, dotted lines the depth limit
+    handles = [Line2D([], [], color=colors[t], ls=styles[t][0], marker=styles[t][1], mfc="none", ms=5, label=FULL_LABELS[t])
+               for t in NOISE_TYPES]
+    handles += [Line2D([], [], color="k", lw=1.5, label="line: analytic prediction"),
+                Line2D([], [], color="k", ls="none", marker="o", mfc="none", ms=5,
+                       label=f"markers: Monte Carlo ({cfg.realizations} realizations)"),
+                Line2D([], [], color="k", ls=":", lw=0.9, label="dotted: mean-field limit as depth → ∞ (where finite)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"Noise variance vs depth in symmetric deep networks (N = {cfg.width} neurons per layer, W_ij = c/N)\n"
+                 f"one noise type at a time, variance D = {cfg.noise_variance:g} added at every layer", fontsize=10.5)
+    fig.tight_layout(rect=(0, 0.6 / (4.0 * rows + 1.1), 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()

@@ -8,7 +8,7 @@ weights are cached as ``model.npz`` (no pickle) in the experiment's folder.  The
   layer, one type at a time) on ``n_inputs`` test inputs: Monte Carlo
   (:func:`noisejax.simulate.monte_carlo`) against the analytic moments
   (:func:`noisejax.moments.predict`, Gaussian moment matching).  The layer SNR is
-  ``10·log10(⟨m²⟩ / ⟨var⟩)`` with ``⟨·⟩`` the mean over inputs and neurons.
+  ``10·log10(Σ m² / Σ var)`` with the sums over inputs and neurons (:mod:`noisejax.snr`).
 * **Accuracy vs noise intensity** on the test set for each noise type, with
   :func:`noisejax.train.make_evaluator` (realizations ``vmap``-ped, one compile
   for the whole sweep).
@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from noisejax import data, layers, moments, noise, rng, simulate, train
+from noisejax import snr as snr_lib
 from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, load_arrays, save_arrays, to_jsonable
 
 NAME = "trained_mlp_snr"
@@ -114,9 +115,8 @@ def _clean_accuracy(net):
 
 
 def _layer_snr_db(mean, var) -> float:
-    s = float(np.mean(np.square(mean)))
-    v = float(np.mean(var))
-    return 10.0 * math.log10(s / v) if v > 0 and s > 0 else float("nan")
+    """The layer summary of :mod:`noisejax.snr`: ``10·log10(Σ m² / Σ var)`` over inputs and neurons."""
+    return float(snr_lib.layer_snr_db(np.asarray(mean, np.float64), np.asarray(var, np.float64)))
 
 
 def snr_per_layer(net, params, x, cfg, key) -> dict:
@@ -256,16 +256,21 @@ def figure(snr: dict, acc: dict, info: dict, cfg) -> bytes:
 
     fig = Figure(figsize=(12, 4.6), dpi=100)
     colors = {"add_uncorrelated": "C0", "add_correlated": "C1", "mul_uncorrelated": "C2", "mul_correlated": "C3"}
+    # coinciding curves stay visible: solid under dashed, circles under squares
+    dash = {"add_uncorrelated": "-", "add_correlated": "--", "mul_uncorrelated": "-", "mul_correlated": "--"}
+    mark = {"add_uncorrelated": "o", "add_correlated": "s", "mul_uncorrelated": "o", "mul_correlated": "s"}
+    full = {t: LABELS[t].replace("uncorr.", "uncorrelated").replace("corr.", "correlated") for t in NOISE_TYPES}
     ax = fig.add_subplot(1, 2, 1)
     n_layers = len(snr["signal_power"])
     idx = np.arange(1, n_layers + 1)
     for t in NOISE_TYPES:
-        ax.plot(idx, snr["analytic_snr_db"][t], "-", color=colors[t], label=f"{LABELS[t]} (analytic)")
-        ax.plot(idx, snr["mc_snr_db"][t], "o", color=colors[t], mfc="none", ms=7)
-    ax.plot([], [], "ko", mfc="none", label="Monte Carlo")
+        ax.plot(idx, snr["analytic_snr_db"][t], dash[t], color=colors[t], lw=1.6, label=f"{full[t]}")
+        ax.plot(idx, snr["mc_snr_db"][t], mark[t], color=colors[t], mfc="none", ms=7 if mark[t] == "o" else 5)
+    ax.plot([], [], "k-", label="lines: analytic prediction")
+    ax.plot([], [], "ko", mfc="none", label="markers: Monte Carlo")
     ax.set_xticks(idx)
     ax.set_xlabel("layer (last = output)")
-    ax.set_ylabel("SNR (dB)  =  10 log10(⟨m²⟩ / ⟨var⟩)")
+    ax.set_ylabel("layer SNR (dB) = 10 log10(Σ mean² / Σ var)")
     ax.set_title(f"per-layer SNR, D = {cfg.noise_variance:g} at every layer, {cfg.realizations} realizations", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -273,13 +278,13 @@ def figure(snr: dict, acc: dict, info: dict, cfg) -> bytes:
     ints = np.asarray(acc["intensities"])
     for t in NOISE_TYPES:
         m, s = np.asarray(acc["mean"][t]), np.asarray(acc["std"][t])
-        ax.plot(ints, m, "-o", color=colors[t], ms=4, label=LABELS[t])
+        ax.plot(ints, m, dash[t], marker=mark[t], color=colors[t], ms=4, label=full[t])
         ax.fill_between(ints, m - s, m + s, color=colors[t], alpha=0.15)
-    ax.axhline(info["clean_test_accuracy"], color="k", ls=":", lw=1, label="noise-free")
+    ax.axhline(info["clean_test_accuracy"], color="k", ls=":", lw=1, label="without noise")
     ax.set_xscale("log")
     ax.set_xlabel("noise variance D (every layer)")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"accuracy vs noise ({cfg.acc_realizations} realizations, ±1 std)", fontsize=10)
+    ax.set_title(f"accuracy vs noise (mean and ±1 std band over {cfg.acc_realizations} realizations)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     w = "-".join(map(str, info["widths"]))
