@@ -30,31 +30,13 @@ import statistics
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import noisejax
 from noisejax import data, interpret, noise, rng, simulate
-
-
-class CNN(nn.Module):
-    """A simple CNN model (Flax's MNIST example, verbatim)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-        x = nn.relu(x)
-        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-        x = x.reshape((x.shape[0], -1))  # flatten
-        x = nn.Dense(features=256)(x)
-        x = nn.relu(x)
-        x = nn.Dense(features=10)(x)
-        return x
+from noisejax.models import CNN  # Flax's MNIST example, verbatim
 
 
 def _kernels(path, leaf):

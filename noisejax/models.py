@@ -2,6 +2,7 @@
 
 * :class:`MLP` — a sigmoid or ReLU multilayer perceptron (digits, 64 features).
 * :class:`ResNet1D` — a small ResNet-style 1-D CNN with BatchNorm (MNIST-1D, 40 samples).
+* :class:`CNN` — the CNN of Flax's MNIST example, verbatim (images ``(batch, H, W, C)``).
 
 A :class:`ModelConfig` names the model, the dataset and the training recipe; its
 hash keys the on-disk cache (:func:`load_or_train`), so sweeps never retrain.  The
@@ -35,6 +36,7 @@ from noisejax.errors import InvalidArgumentError
 
 __all__ = [
     "MLP",
+    "CNN",
     "ResNet1D",
     "ModelConfig",
     "build",
@@ -64,6 +66,25 @@ class MLP(nn.Module):
         for i, width in enumerate(self.widths):
             x = act(nn.Dense(width, name=f"Dense_{i}")(x))
         return nn.Dense(self.n_classes, name="head")(x)
+
+
+class CNN(nn.Module):
+    """A simple CNN model — Flax's MNIST example (``examples/mnist/train.py``), unmodified:
+    Conv 32 → relu → avg_pool → Conv 64 → relu → avg_pool → Dense 256 → relu → Dense 10."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(features=32, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.Conv(features=64, kernel_size=(3, 3))(x)
+        x = nn.relu(x)
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))  # flatten
+        x = nn.Dense(features=256)(x)
+        x = nn.relu(x)
+        x = nn.Dense(features=10)(x)
+        return x
 
 
 class _ResBlock1D(nn.Module):
