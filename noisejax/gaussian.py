@@ -187,9 +187,11 @@ def to_dense(b: Block, shape) -> Dense:
     if isinstance(b, Lazy):
         cols = b.left.reshape(-1)[:, None] * b.a * b.right[None, :]
         return Dense(b.sid, cols.reshape(tuple(shape) + (b.a.shape[1],)))
-    src = _identity_src(shape) if b.src is None else b.src
-    onehot = src[..., None] == np.arange(b.n)
-    return Dense(b.sid, jnp.where(jnp.asarray(onehot), b.scale[..., None], jnp.zeros((), b.scale.dtype)))
+    if b.src is None:  # iota-built identity: no (n, n) constant in the program
+        cols = b.scale.reshape(-1)[:, None] * jnp.eye(b.n, dtype=b.scale.dtype)
+        return Dense(b.sid, cols.reshape(tuple(shape) + (b.n,)))
+    onehot = jnp.asarray(b.src, jnp.int32)[..., None] == jnp.arange(b.n, dtype=jnp.int32)
+    return Dense(b.sid, jnp.where(onehot, b.scale[..., None], jnp.zeros((), b.scale.dtype)))
 
 
 # ----------------------------------------------------------------------------------
