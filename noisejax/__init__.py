@@ -13,6 +13,7 @@ Namespaces (imported on first use)::
     noisejax.denoise    ML / MMSE / compensated MMSE / learned weight denoisers
     noisejax.data       offline datasets and loaders for user-supplied MNIST / CIFAR-10
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
+    noisejax.hardware   analog in-memory hardware: PCM drift, crossbar DAC/ADC, compensation
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
     noisejax.store      atomic, checksummed result files and resumable points
 """
@@ -42,6 +43,7 @@ _SUBMODULES = (
     "reproduce",
     "data",
     "flax",
+    "hardware",
 )
 
 __all__ = list(_SUBMODULES) + ["__version__"]
