@@ -39,8 +39,8 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -488,17 +488,43 @@ def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hard
     :mod:`noisejax.moments`.
     """
     hw = _check_hardware(hardware, "drift_moments")
-    p = moment_params(hw, params, t, nodes=nodes)
+    if getattr(net, "moments", None) is None:
+        raise InvalidArgumentError("net has no moment rule: every layer needs one (build it with noisejax.layers)")
+    _validate.check_choice("method", method, _moments.METHODS)
+    _validate.check_choice("covariance", covariance, _moments.COVARIANCES)
+    nodes = _validate.check_int("nodes", nodes, minimum=2)
     x = jnp.asarray(x)
-    first = next((d for d in jax.tree_util.tree_leaves(p, is_leaf=lambda n: isinstance(n, _moments.NoisyParam))
-                  if isinstance(d, _moments.NoisyParam)), None)
-    batched = first is not None and x.ndim == 2 and x.shape[-1] == first.value.shape[0]
+    first = _map_affine_first_shape(params)
+    batched = x.ndim == 2 and x.shape[-1] == first[0]
+    return _compiled_moments(net, method, covariance, nodes, batched)(params, x, jnp.asarray(t), hw)
 
-    def one(xi):
-        outs = _moments.propagate(net, p, xi, noise=hw, method=method, covariance=covariance)
-        return tuple(o.compact() for o in outs)
 
-    return jax.vmap(one)(x) if batched else one(x)
+def _map_affine_first_shape(params: PyTree) -> tuple[int, int]:
+    shapes = []
+    _map_affine(params, lambda j, d: shapes.append(tuple(jnp.shape(d["W"]))) or d)
+    return shapes[0]
+
+
+_MOMENTS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled_moments(net, method, covariance, nodes, batched):
+    """One jitted analytic pass per network and options (cached like :func:`noisejax.moments.predict`)."""
+    per_net = _MOMENTS_CACHE.setdefault(net.moments, {})
+    key = (method, covariance, nodes, batched)
+    if key not in per_net:
+
+        def run(params, x, t, hw):
+            p = moment_params(hw, params, t, nodes=nodes)
+
+            def one(xi):
+                outs = _moments.propagate(net, p, xi, noise=hw, method=method, covariance=covariance)
+                return tuple(o.compact() for o in outs)
+
+            return jax.vmap(one)(x) if batched else one(x)
+
+        per_net[key] = jax.jit(run)
+    return per_net[key]
 
 
 # ----------------------------------------------------------------------------------
