@@ -102,7 +102,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Experiments in report order: figures 1–3 (paper A), mitigation, then paper B.
+#: Experiments in report order: figures 1–3 (paper A), mitigation, then paper B, then analog hardware (issue 16).
 EXPERIMENTS: tuple[str, ...] = (
     "symmetric_depth",
     "trained_mlp_snr",
@@ -110,6 +110,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "mitigation",
     "noisy_inference",
     "noisy_federated",
+    "pcm_drift",
 )
 CONFIG_NAMES: tuple[str, ...] = ("tiny", "default", "full")
 CONFIG_ENV = "NOISEJAX_REPRODUCE_CONFIG"

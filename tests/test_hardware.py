@@ -277,20 +277,26 @@ def test_one_hot_readout_equals_eye_and_tiles():
     W = jax.random.normal(jax.random.key(15), (30, 5)) * 4.0  # large enough for bound management
     mvm = hw.AnalogMVM()
     k = jax.random.key(16)
-    np.testing.assert_array_equal(np.asarray(mvm.one_hot(W, key=k)), np.asarray(mvm(jnp.eye(30), W, key=k)))
     x = jax.random.uniform(jax.random.key(17), (3, 30))
-    one = mvm.tiled(x, W, key=k, tile=None)
-    np.testing.assert_array_equal(np.asarray(one), np.asarray(mvm(x, W, key=jax.random.fold_in(k, 0))))
-    two = mvm.tiled(x, W, key=k, tile=(16, 4), gain=jnp.array([[1.0, 2.0], [3.0, 4.0]]))
     grid = hw.TileGrid.of((30, 5), (16, 4))
     assert grid.in_sizes == (15, 15) and grid.out_sizes == (3, 2)
-    ref = []
-    for o, so in enumerate(grid.out_slices()):
-        acc = 0
-        for kk, si in enumerate(grid.in_slices()):
-            acc = acc + (1 + 2 * kk + o) * mvm(x[:, si], W[si, so], key=jax.random.fold_in(k, 2 * kk + o))
-        ref.append(acc)
-    np.testing.assert_allclose(np.asarray(two), np.asarray(jnp.concatenate(ref, -1)), rtol=1e-6)
+
+    @jax.jit
+    def run(W, x):
+        ref = []
+        for o, so in enumerate(grid.out_slices()):
+            acc = 0
+            for kk, si in enumerate(grid.in_slices()):
+                acc = acc + (1 + 2 * kk + o) * mvm(x[:, si], W[si, so], key=jax.random.fold_in(k, 2 * kk + o))
+            ref.append(acc)
+        return (mvm.one_hot(W, key=k), mvm(jnp.eye(30), W, key=k), mvm.tiled(x, W, key=k, tile=None),
+                mvm(x, W, key=jax.random.fold_in(k, 0)),
+                mvm.tiled(x, W, key=k, tile=(16, 4), gain=jnp.array([[1.0, 2.0], [3.0, 4.0]])), jnp.concatenate(ref, -1))
+
+    hot, eye, one, one_ref, two, two_ref = (np.asarray(a) for a in run(W, x))
+    np.testing.assert_array_equal(hot, eye)
+    np.testing.assert_array_equal(one, one_ref)
+    np.testing.assert_allclose(two, two_ref, rtol=1e-6)
 
 
 def test_tiles_have_their_own_scale():
@@ -341,10 +347,11 @@ def test_fresh_device_variability_per_realization(mlp):
     chip = hw.AnalogHardware(compensation="none")
     W = params[1][0]["W"]
     n = W.size
-    pa = hw.program_params(chip, params, key=jax.random.key(1))
-    pb = hw.program_params(chip, params, key=jax.random.key(2))
-    ta = [hw.read_params(chip, pa, t, key=jax.random.key(10 + i))[1][0]["W"] for i, t in enumerate((HOUR, YEAR))]
-    tb = hw.read_params(chip, pb, HOUR, key=jax.random.key(20))[1][0]["W"]
+    program = jax.jit(lambda k: hw.program_params(chip, params, key=k))
+    read = jax.jit(lambda p, t, k: hw.read_params(chip, p, t, key=k))
+    pa, pb = program(jax.random.key(1)), program(jax.random.key(2))
+    ta = [read(pa, t, jax.random.key(10 + i))[1][0]["W"] for i, t in enumerate((HOUR, YEAR))]
+    tb = read(pb, HOUR, jax.random.key(20))[1][0]["W"]
     mean_h = hw.PCMNoise().weight_moments(W, HOUR).mean
     mean_y = hw.PCMNoise().weight_moments(W, YEAR).mean
     across = _corr(ta[0] - mean_h, tb - mean_h)
@@ -358,7 +365,7 @@ def test_fresh_device_variability_per_realization(mlp):
     assert abs(_corr((nu_a - mu) / sd, (nu_b - mu) / sd)) < 5 / math.sqrt(n)
     # drift_forward: realization keys differ -> programmings differ
     x = jnp.ones((1, 64)) * 0.5
-    out = jax.vmap(lambda k: hw.drift_forward(net, params, x, jnp.array([1.0]), key=k, hardware=chip))(
+    out = jax.jit(jax.vmap(lambda k: hw.drift_forward(net, params, x, jnp.array([1.0]), key=k, hardware=chip)))(
         jax.random.split(jax.random.key(3), 2))
     assert not np.allclose(np.asarray(out[0]), np.asarray(out[1]))
 
@@ -368,12 +375,14 @@ def test_no_stale_compensation_gain(mlp, compensation):
     """After re-programming, the gain comes from the new programming's baseline (≈ 1 right after it)."""
     net, params, _ = mlp
     chip = hw.AnalogHardware(compensation=compensation)
-    old = hw.program_params(chip, params, key=jax.random.key(4))
-    late = hw.read_params(chip, old, 10 * YEAR, key=jax.random.key(5))
+    program = jax.jit(lambda k: hw.program_params(chip, params, key=k))
+    read = jax.jit(lambda p, t, k: hw.read_params(chip, p, t, key=k))
+    old = program(jax.random.key(4))
+    late = read(old, 10 * YEAR, jax.random.key(5))
     g_late = np.asarray(late[1][0]["gain"])
     assert float(g_late.max()) > 1.2  # a decade of drift needs a large gain
-    new = hw.program_params(chip, params, key=jax.random.key(6))  # re-programming
-    early = hw.read_params(chip, new, 0.0, key=jax.random.key(7))
+    new = program(jax.random.key(6))  # re-programming
+    early = read(new, 0.0, jax.random.key(7))
     g_new = np.asarray(early[1][0]["gain"])
     assert np.all(np.abs(g_new - 1.0) < 0.05), g_new
     # and it is exactly baseline(new) / readout(now), recomputed
@@ -416,7 +425,7 @@ def test_readout_compensation_under_compensates(mlp):
         return (hw.drift_compensation(st.weights, W_t),
                 hw.drift_compensation(st.weights, W_t, mvm=mvm, key=jax.random.fold_in(k, 2)))
 
-    exact, noisy = (np.asarray(g) for g in jax.vmap(gains)(ks))
+    exact, noisy = (np.asarray(g) for g in jax.jit(jax.vmap(gains))(ks))
     assert exact.mean() > noisy.mean() + 10 * noisy.std() / math.sqrt(len(ks))
     assert 1.0 < noisy.mean() < exact.mean()
 

@@ -459,7 +459,8 @@ def moment_params(hardware: AnalogHardware, params: PyTree, t: Array, *, nodes: 
 
 
 def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hardware: AnalogHardware,
-                  method: str = "gaussian", covariance: str = "factored", nodes: int = 24) -> tuple:
+                  method: str = "gaussian", covariance: str = "factored", nodes: int = 24,
+                  keep_covariance: bool = False) -> tuple:
     """Analytic per-layer mean and variance of ``net`` on the hardware at time ``t``.
 
     Statistics over realizations (programming, drift, read noise, output noise,
@@ -473,6 +474,8 @@ def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hard
       hardware: the :class:`AnalogHardware`.
       method, covariance: of :func:`noisejax.moments.propagate`.
       nodes: Gauss–Legendre points per device (see :meth:`PCMNoise.weight_moments`).
+      keep_covariance: keep each layer's covariance structure (``covariance_matrix()``
+        per example, e.g. the logits' covariance for an accuracy prediction).
 
     Returns:
       One :class:`~noisejax.moments.LayerMoments` per top-level layer (``mean``/``var``,
@@ -496,7 +499,7 @@ def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hard
     x = jnp.asarray(x)
     first = _map_affine_first_shape(params)
     batched = x.ndim == 2 and x.shape[-1] == first[0]
-    return _compiled_moments(net, method, covariance, nodes, batched)(params, x, jnp.asarray(t), hw)
+    return _compiled_moments(net, method, covariance, nodes, batched, bool(keep_covariance))(params, x, jnp.asarray(t), hw)
 
 
 def _map_affine_first_shape(params: PyTree) -> tuple[int, int]:
@@ -508,10 +511,10 @@ def _map_affine_first_shape(params: PyTree) -> tuple[int, int]:
 _MOMENTS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _compiled_moments(net, method, covariance, nodes, batched):
+def _compiled_moments(net, method, covariance, nodes, batched, keep):
     """One jitted analytic pass per network and options (cached like :func:`noisejax.moments.predict`)."""
     per_net = _MOMENTS_CACHE.setdefault(net.moments, {})
-    key = (method, covariance, nodes, batched)
+    key = (method, covariance, nodes, batched, keep)
     if key not in per_net:
 
         def run(params, x, t, hw):
@@ -519,7 +522,7 @@ def _compiled_moments(net, method, covariance, nodes, batched):
 
             def one(xi):
                 outs = _moments.propagate(net, p, xi, noise=hw, method=method, covariance=covariance)
-                return tuple(o.compact() for o in outs)
+                return outs if keep else tuple(o.compact() for o in outs)
 
             return jax.vmap(one)(x) if batched else one(x)
 

@@ -396,8 +396,12 @@ class PCMNoise:
         if W.ndim != 2:
             raise ShapeMismatchError(f"PCMNoise.weight_moments: W must be 2-D (in, out), got shape {tuple(W.shape)}")
         nodes = _validate.check_int("nodes", nodes, minimum=2)
+        chunk = _validate.check_int("chunk", chunk, minimum=1)
         self._check_positive()
-        grid = TileGrid.of(W.shape, tile)
+        return _weight_moments(self, W, jnp.asarray(t), TileGrid.of(W.shape, tile), nodes, chunk)
+
+    def _weight_moments(self, W: Array, t: Array, grid: TileGrid, nodes: int, chunk: int) -> PCMMoments:
+        """The body of :meth:`weight_moments` (jitted with static grid, nodes and chunk)."""
         dtype = W.dtype if jnp.issubdtype(W.dtype, jnp.floating) else jnp.float32
         W = W.astype(dtype)
         g_max = jnp.asarray(self.g_max, dtype)
@@ -461,6 +465,9 @@ class PCMNoise:
             prog_abs = jnp.sum(pp[..., :, None] * pn[..., None, :] * jnp.abs(vp[..., :, None] - vn[..., None, :]),
                                (-2, -1)) / scale
         return PCMMoments(mean, var, abs_mean, prog_mean, prog_var, prog_abs, e_max)
+
+
+_weight_moments = jax.jit(PCMNoise._weight_moments, static_argnums=(3, 4, 5))
 
 
 def _folded_normal_mean(mean: Array, var: Array) -> Array:
