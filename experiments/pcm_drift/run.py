@@ -293,8 +293,14 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
         run = jax.jit(lambda p, keys: jax.lax.map(lambda k: one(p, k), keys, batch_size=max(cfg.chunk, 1)))
         for m in MODELS if comp != "none" else ("plain",):
             keys = simulate.realization_keys(jax.random.fold_in(key, COMPENSATIONS.index(comp)), jnp.arange(cfg.resnet_realizations))
-            acc = np.asarray(run(params[m], keys))
-            result["mc"][f"{m}/{comp}"] = {"mean": acc.mean(0).tolist(), "std": acc.std(0, ddof=1).tolist()}
+
+            def point():
+                acc = np.asarray(run(params[m], keys))
+                return {"mean": acc.mean(0).tolist(), "std": acc.std(0, ddof=1).tolist()}
+
+            result["mc"][f"{m}/{comp}"], r = cached_point(out / "points", f"resnet-{m}-{comp}", point,
+                                                         key={**ident, "config": cfg, "m": m, "comp": comp})
+            reused += int(r)
     result["train"] = {k: info.get(k) for k in ("train_seconds", "test_accuracy")}
     return result, reused
 
@@ -410,27 +416,32 @@ def figure(res: dict, cfg) -> bytes:
         ax.set_xlabel("time after programming (log scale)")
         ax.grid(alpha=0.3, which="major")
 
-    ax = fig.add_subplot(1, n_panels, 1)
-    for key, v in res["mc"].items():
-        m, comp = key.split("/")
-        mean, std = np.asarray(v["mean"]), np.asarray(v["std"])
-        color = "0.45" if comp == "none" else colors[m]
-        ax.plot(t, mean, styles[comp], marker=markers[comp], color=color, ms=5,
-                label=f"{MODEL_LABEL[m]}, {COMP_LABEL[comp]} (MC ± std)")
-        ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.12)
-        if key in res["analytic"]:
-            ax.plot(t, res["analytic"][key], styles[comp], color=color, lw=2.5, alpha=0.35)
-    ax.plot([], [], "-", color="k", lw=2.5, alpha=0.35, label="analytic prediction (thick, pale; same style)")
-    for m in MODELS:
-        a = res["model"]["digital_accuracy"][m]
-        ax.axhline(a, color=colors[m], lw=0.8, ls=(0, (1, 3)))
-        ax.annotate(f"digital {MODEL_LABEL[m]} {a:.3f}", (t[0], a), textcoords="offset points", xytext=(2, 3),
-                    fontsize=7, color=colors[m])
-    time_axis(ax)
-    ax.set_ylabel("test accuracy")
+    def accuracy_panel(ax, mc, analytic, digital, title):
+        """MC mean ± std per (model, compensation), the analytic curves, the digital reference lines."""
+        for key, v in mc.items():
+            m, comp = key.split("/")
+            mean, std = np.asarray(v["mean"]), np.asarray(v["std"])
+            color = "0.45" if comp == "none" else colors[m]
+            ax.plot(t, mean, styles[comp], marker=markers[comp], color=color, ms=5,
+                    label=f"{MODEL_LABEL[m]}, {COMP_LABEL[comp]} (MC ± std)")
+            ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.12)
+            if key in analytic:
+                ax.plot(t, analytic[key], styles[comp], color=color, lw=2.5, alpha=0.35)
+        if analytic:
+            ax.plot([], [], "-", color="k", lw=2.5, alpha=0.35, label="analytic prediction (thick, pale; same style)")
+        for m in MODELS:
+            a = digital[m]
+            ax.axhline(a, color=colors[m], lw=0.8, ls=(0, (1, 3)))
+            ax.annotate(f"digital {MODEL_LABEL[m]} {a:.3f}", (t[0], a), textcoords="offset points", xytext=(2, 3),
+                        fontsize=7, color=colors[m])
+        time_axis(ax)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+
     w = "-".join(map(str, res["model"]["widths"]))
-    ax.set_title(f"digits MLP {w} on PCM crossbars + periphery\n{cfg.realizations} programmings per curve", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    accuracy_panel(fig.add_subplot(1, n_panels, 1), res["mc"], res["analytic"], res["model"]["digital_accuracy"],
+                   f"digits MLP {w} on PCM crossbars + periphery\n{cfg.realizations} programmings per curve")
 
     ax = fig.add_subplot(1, n_panels, 2)
     lv = res["layer_variances"]
@@ -446,25 +457,9 @@ def figure(res: dict, cfg) -> bytes:
     ax.legend(fontsize=7)
 
     if has_rn:
-        ax = fig.add_subplot(1, n_panels, 3)
         rn = res["resnet"]
-        for key, v in rn["mc"].items():
-            m, comp = key.split("/")
-            mean, std = np.asarray(v["mean"]), np.asarray(v["std"])
-            color = "0.45" if comp == "none" else colors[m]
-            ax.plot(t, mean, styles[comp], marker=markers[comp], color=color, ms=5,
-                    label=f"{MODEL_LABEL[m]}, {COMP_LABEL[comp]}")
-            ax.fill_between(t, mean - std, mean + std, color=color, alpha=0.12)
-        for m in MODELS:
-            a = rn["digital_accuracy"][m]
-            ax.axhline(a, color=colors[m], lw=0.8, ls=(0, (1, 3)))
-            ax.annotate(f"digital {MODEL_LABEL[m]} {a:.3f}", (t[0], a), textcoords="offset points", xytext=(2, 3),
-                        fontsize=7, color=colors[m])
-        time_axis(ax)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"MNIST-1D ResNet, kernels on PCM (products exact)\n{cfg.resnet_realizations} programmings, ± std",
-                     fontsize=10)
-        ax.legend(fontsize=7, loc="lower left")
+        accuracy_panel(fig.add_subplot(1, n_panels, 3), rn["mc"], {}, rn["digital_accuracy"],
+                       f"MNIST-1D ResNet, kernels on PCM (products exact)\n{cfg.resnet_realizations} programmings per curve")
     fig.suptitle("Accuracy vs time after programming onto PCM (aihwkit 1.1.0 device model and periphery, 512×512 tiles)",
                  fontsize=11)
     fig.tight_layout()
