@@ -546,6 +546,11 @@ def test_bad_arguments_raise_clear_errors(mlp):
         hw.program_params(hw.AnalogHardware(), {"kernel": jnp.ones((3, 3))}, key=jax.random.key(0))
     with pytest.raises(InvalidArgumentError, match="needs key"):
         net.apply(params, jnp.ones(64), noise=hw.AnalogHardware())
+    with pytest.raises(InvalidArgumentError, match="times must be >= 0"):
+        hw.drift_forward(net, params, jnp.ones((1, 64)), jnp.array([1.0, -5.0]), key=jax.random.key(0),
+                         hardware=hw.AnalogHardware())
+    with pytest.raises(InvalidArgumentError, match="pcm must be a PCMNoise"):
+        hw.AnalogHardware(pcm=hw.AnalogMVM())
     assert issubclass(InvalidArgumentError, NoisejaxError)
 
 

@@ -101,10 +101,9 @@ class AnalogHardware:
             _validate.check_choice("AnalogHardware.compensation", self.compensation, COMPENSATIONS)
         if isinstance(self.tile, (tuple, list)) or self.tile is None:
             object.__setattr__(self, "tile", check_tile(self.tile, "AnalogHardware.tile"))
-        if isinstance(self.pcm, (int, float, str)) or (self.pcm is not None and hasattr(self.pcm, "__dataclass_fields__")
-                                                       and not isinstance(self.pcm, PCMNoise)):
+        if not isinstance(self.pcm, PCMNoise):
             raise InvalidArgumentError(f"AnalogHardware.pcm must be a PCMNoise, got {type(self.pcm).__name__}")
-        if self.mvm is not None and hasattr(self.mvm, "__dataclass_fields__") and not isinstance(self.mvm, AnalogMVM):
+        if self.mvm is not None and not isinstance(self.mvm, AnalogMVM):
             raise InvalidArgumentError(f"AnalogHardware.mvm must be an AnalogMVM or None, got {type(self.mvm).__name__}")
 
 
@@ -219,6 +218,10 @@ def drift_forward(net: layers.Layer, params: PyTree, x: Array, times: Array, *, 
       ``jax.vmap`` over keys for realizations.
     """
     hw = _check_hardware(hardware, "drift_forward")
+    if _validate._is_concrete(times):
+        _validate.check_real_number("times", times)
+        if np.any(np.asarray(times) < 0):
+            raise InvalidArgumentError(f"times must be >= 0 seconds after programming, got {np.asarray(times).tolist()}")
     times = jnp.asarray(times)
     if times.ndim != 1:
         raise ShapeMismatchError(f"times must be a 1-D array of seconds, got shape {tuple(times.shape)}")
