@@ -19,6 +19,23 @@ One concept per module:
   (:func:`AnalogDense`, :class:`AnalogHardware`, :func:`drift_forward`,
   :func:`drift_moments`, :class:`DriftedWeights` for hardware-aware training).
 
+Where noisejax differs from aihwkit 1.1.0 (everything else follows its defaults; checked
+against aihwkit's own inference tile in ``benchmarks/aihwkit_agreement.py``):
+
+* bound management is decided per input row (as RPUCuda does); aihwkit's pure-torch tile
+  halves the input of *every* row of a batch when any row clips;
+* ``drift_compensation(..., mvm=None)`` reads both the baseline and the current weights
+  exactly; aihwkit's ``GlobalDriftCompensationWithExactReference`` makes only the baseline
+  exact and still reads the drifted tile through its noisy forward;
+* a programming is a value (:class:`PCMState`), reading and compensation are pure functions
+  of it: a new programming always draws new devices and drift exponents, a gain always
+  belongs to the programming and time it was computed from, and reading cannot reach an
+  older programming (aihwkit's ``drift_analog_weights`` reuses the stored programming, keeps
+  the previous gain after ``program_analog_weights`` until the next drift call, and drifts the
+  old programmed weights after ``set_weights``);
+* the re-split of the programmed weights into one device per pair before drifting is
+  reproduced (``PCMNoise(resplit=True)``, the default); ``resplit=False`` is the physical pair.
+
 Example (one weight matrix)::
 
     >>> import jax
