@@ -322,7 +322,10 @@ def AnalogDense(out_dim: int, *, use_bias: bool = True) -> layers.Layer:
         return _analog_moments(hw, W, w_var, gain, params.get("b"), state, dense_rule, options)
 
     spec = {"kind": "dense", "out_dim": out_dim, "analog": True}
-    return layers.Layer(dense.init, apply, moments, 1, spec)
+    fields = {"init": dense.init, "apply": apply, "n_sites": 1, "spec": spec}
+    if "moments" in layers.Layer._fields:  # layers that carry their own moment rule
+        fields["moments"] = moments
+    return layers.Layer(**fields)
 
 
 def _deterministic(state: _moments.LayerMoments) -> bool:
