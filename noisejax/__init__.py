@@ -19,6 +19,7 @@ Namespaces (imported on first use)::
     noisejax.denoise    ML / MMSE / compensated MMSE / learned weight denoisers
     noisejax.data       offline datasets and loaders for user-supplied MNIST / CIFAR-10
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
+    noisejax.hardware   analog in-memory hardware: PCM drift, crossbar DAC/ADC, compensation
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
     noisejax.store      atomic, checksummed result files and resumable points
     noisejax.interpret  the two interpretations of a jaxpr (noisy, analytic, sites)
@@ -60,6 +61,7 @@ _SUBMODULES = (
     "rules",
     "gaussian",
     "quadrature",
+    "hardware",
 )
 
 # functions and types re-exported from noisejax.interpret

@@ -105,7 +105,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Experiments in report order: figures 1–3 (paper A), mitigation, then paper B.
+#: Experiments in report order: figures 1–3 (paper A), mitigation, then paper B, then analog hardware (issue 16).
 EXPERIMENTS: tuple[str, ...] = (
     "symmetric_depth",
     "trained_mlp_snr",
@@ -114,6 +114,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "mitigation",
     "noisy_inference",
     "noisy_federated",
+    "pcm_drift",
 )
 #: Wall seconds of each experiment's ``default`` config on the 2-core CPU (a measured run): the
 #: weights of the overall progress and ETA.  An experiment missing here counts as the median;
