@@ -15,9 +15,12 @@ One concept per module:
 * :mod:`~noisejax.hardware.compensation` — global drift compensation (through the
   periphery, as aihwkit, or exact);
 * :mod:`~noisejax.hardware.tiles` — splitting layers larger than a crossbar;
+* :mod:`~noisejax.hardware.chip` — any JAX model on the chip (:class:`AnalogHardware` as the
+  product model of :func:`noisejax.noisy`/:func:`noisejax.analytic` at matmul sites,
+  :class:`PCMWeights` — the devices read at ``t`` — as their weight model);
 * :mod:`~noisejax.hardware.network` — whole :mod:`noisejax.layers` networks
-  (:func:`AnalogDense`, :class:`AnalogHardware`, :func:`drift_forward`,
-  :func:`drift_moments`, :class:`DriftedWeights` for hardware-aware training).
+  (:func:`AnalogDense`, :func:`drift_forward`, :func:`drift_moments`, :class:`DriftedWeights`
+  for hardware-aware training), on the same mechanism.
 
 Where noisejax differs from aihwkit 1.1.0 (everything else follows its defaults; checked
 against aihwkit's own inference tile in ``benchmarks/aihwkit_agreement.py``):
@@ -48,20 +51,25 @@ Example (one weight matrix)::
     >>> mvm = hw.AnalogMVM()                         # aihwkit 1.1.0 periphery
     >>> y = mvm(jax.numpy.ones((5, 64)), W_t, key=k3)
     >>> alpha = hw.drift_compensation(state.weights, W_t, mvm=mvm, key=k4)   # mvm=None: exact readout
+
+Any JAX model (a Flax CNN, unmodified), Monte Carlo and analytic, a day after programming::
+
+    >>> chip = hw.AnalogHardware()
+    >>> kw = dict(weight=chip.weights(86400.0), neuron=chip, sites="matmuls")
+    >>> y = noisejax.noisy(model.apply, **kw)(k1, variables, x)          # one realization
+    >>> pred = noisejax.analytic(model.apply, **kw)(variables, x)        # mean and variance
 """
 
 from __future__ import annotations
 
+from noisejax.hardware.chip import COMPENSATIONS, AnalogHardware, PCMWeights, crossbar_leaves
 from noisejax.hardware.compensation import READOUT_FLOOR, compensation_readout, drift_compensation
 from noisejax.hardware.mvm import AnalogMVM, quantize
 from noisejax.hardware.network import (
-    COMPENSATIONS,
     AnalogDense,
-    AnalogHardware,
     DriftedWeights,
     drift_forward,
     drift_moments,
-    moment_params,
     program_params,
     read_params,
 )
@@ -83,11 +91,12 @@ __all__ = [
     "split_sizes",
     "COMPENSATIONS",
     "AnalogHardware",
+    "PCMWeights",
+    "crossbar_leaves",
     "AnalogDense",
     "program_params",
     "read_params",
     "drift_forward",
-    "moment_params",
     "drift_moments",
     "DriftedWeights",
 ]

@@ -14,11 +14,13 @@ and the weights are replaced, per realization and time, by what the devices hold
 
 :func:`drift_forward` does the three for one realization and all times (programming
 drawn once, shared by the times: realizations × times are ``vmap`` axes).  The analytic
-counterpart, :func:`moment_params` + :func:`drift_moments`, gives every layer's mean and
-variance through :mod:`noisejax.moments` (the weights as
-:class:`~noisejax.moments.NoisyParam` with their exact per-weight variance, the
-periphery as additive variances).  :class:`DriftedWeights` is the weight perturbation
-for hardware-aware training with :func:`noisejax.train.noise_aware_loss`.
+counterpart, :func:`drift_moments`, gives every layer's mean and variance through the
+moment interpretation (:func:`noisejax.moments.predict`) with the mechanism any JAX model
+uses (:mod:`noisejax.hardware.chip`): the weights from the weight model
+:class:`~noisejax.hardware.chip.PCMWeights` (exact per-weight mean and variance at ``t``),
+the product that takes an ``AnalogDense``'s marked weights computed by the
+:class:`AnalogHardware` product model (the periphery's variances).  :class:`DriftedWeights`
+is the weight perturbation for hardware-aware training with :func:`noisejax.train.noise_aware_loss`.
 
 Keys: programming of affine layer ``j`` (in flattening order of the params) uses
 ``fold_in(fold_in(key, j), 0)`` and its baseline readout ``fold_in(·, 1)``; reading at
@@ -40,7 +42,6 @@ Example::
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Callable, Optional
 
 import jax
@@ -50,61 +51,26 @@ from flax import struct
 
 from noisejax import _validate, layers
 from noisejax import moments as _moments
+from noisejax._jaxpr import mark as _mark
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
+from noisejax.hardware.chip import COMPENSATIONS, AnalogHardware
 from noisejax.hardware.compensation import compensation_readout
-from noisejax.hardware.mvm import AnalogMVM
-from noisejax.hardware.pcm import PCMMoments, PCMNoise, PCMState, _folded_normal_mean
-from noisejax.hardware.tiles import DEFAULT_TILE, TileGrid, TileShape, check_tile
+from noisejax.hardware.pcm import PCMState
+from noisejax.hardware.tiles import TileGrid, TileShape
 
 __all__ = [
-    "COMPENSATIONS",
-    "AnalogHardware",
     "AnalogDense",
     "program_params",
     "read_params",
     "drift_forward",
-    "moment_params",
     "drift_moments",
     "DriftedWeights",
 ]
 
 Array = jax.Array
 PyTree = Any
-#: drift compensation: through the (noisy) periphery as aihwkit, exact readout, or none
-COMPENSATIONS: tuple[str, ...] = ("readout", "exact", "none")
-
-
-@struct.dataclass
-class AnalogHardware:
-    """The analog hardware a network runs on: devices, periphery, mapping, compensation.
-
-    Pass it as the ``noise`` of a network built with :func:`AnalogDense` layers (other
-    sites ignore it) and to :func:`program_params` / :func:`read_params`.
-
-    Attributes:
-      pcm: the device model (:class:`~noisejax.hardware.pcm.PCMNoise`).
-      mvm: the periphery (:class:`~noisejax.hardware.mvm.AnalogMVM`); ``None`` computes
-        the products exactly (devices only).
-      compensation: static; ``"readout"`` (aihwkit's global drift compensation, read out
-        through ``mvm``), ``"exact"`` (noise-free readouts) or ``"none"``.
-      tile: static; crossbar size ``(max_in, max_out)`` (aihwkit: 512 × 512), ``None``: one
-        crossbar per layer.
-    """
-
-    pcm: PCMNoise = struct.field(default_factory=PCMNoise)
-    mvm: Optional[AnalogMVM] = struct.field(default_factory=AnalogMVM)
-    compensation: str = struct.field(pytree_node=False, default="readout")
-    tile: Optional[tuple[int, int]] = struct.field(pytree_node=False, default=DEFAULT_TILE)
-
-    def __post_init__(self):
-        if isinstance(self.compensation, str):
-            _validate.check_choice("AnalogHardware.compensation", self.compensation, COMPENSATIONS)
-        if isinstance(self.tile, (tuple, list)) or self.tile is None:
-            object.__setattr__(self, "tile", check_tile(self.tile, "AnalogHardware.tile"))
-        if not isinstance(self.pcm, PCMNoise):
-            raise InvalidArgumentError(f"AnalogHardware.pcm must be a PCMNoise, got {type(self.pcm).__name__}")
-        if self.mvm is not None and not isinstance(self.mvm, AnalogMVM):
-            raise InvalidArgumentError(f"AnalogHardware.mvm must be an AnalogMVM or None, got {type(self.mvm).__name__}")
+#: the tag of the mark on an AnalogDense's weights (the product taking them is the crossbar)
+CROSSBAR_TAG = "crossbar"
 
 
 # ----------------------------------------------------------------------------------
@@ -116,7 +82,7 @@ def _is_affine(d: Any) -> bool:
     if not isinstance(d, dict) or "W" not in d:
         return False
     W = d["W"]
-    if isinstance(W, (PCMState, _moments.NoisyParam)):
+    if isinstance(W, PCMState):
         return True
     return getattr(W, "ndim", None) == 2
 
@@ -259,12 +225,6 @@ def _gain_matrix(W_shape, gain, tile: TileShape):
     return jnp.asarray(gain) if grid is None else grid.expand(gain)
 
 
-def _unwrap(leaf):
-    if isinstance(leaf, _moments.NoisyParam):
-        return leaf.value, leaf.noise_var
-    return leaf, None
-
-
 def AnalogDense(out_dim: int, *, use_bias: bool = True) -> layers.Layer:
     """``y = x W + b`` computed on crossbars when the network's noise is an :class:`AnalogHardware`.
 
@@ -272,33 +232,28 @@ def AnalogDense(out_dim: int, *, use_bias: bool = True) -> layers.Layer:
     compensation ``"gain"`` (from :func:`read_params`), applied to each tile's output
     after the ADC: ``y = Σ_k α_k · MVM(x_k, W_k) + b`` (the bias is digital).  One noise
     site: with ``noise=AnalogHardware(mvm=...)`` the product runs through
-    :meth:`AnalogMVM.tiled` (per-example noise from the site's key); with any other noise
-    (or ``mvm=None``) it is the exact product with the gains.
+    :meth:`AnalogHardware.product` (:meth:`AnalogMVM.tiled`, per-example noise from the
+    site's key); with any other noise (or ``mvm=None``) it is the exact product with the gains.
 
-    Moment rule (``noise=AnalogHardware``; see :func:`drift_moments`): ``W`` may be a
-    :class:`~noisejax.moments.NoisyParam` (per-weight mean and variance); the periphery adds,
-    per output of tile ``(k, o)``, ``α² (m_k r)² (σ_out² + δ_out²/12)`` (output noise and
-    the ADC's uniform quantization noise), and the DAC is exact for a noise-free input
-    (the first layer: the mean uses the quantized input) and uniform noise of variance
-    ``(δ_in m_k r)²/12`` on each input otherwise.  ``m_k = max|E x_k|`` and the bound
-    management ``r`` (the smallest power of two with ``max|E z| <= r·out_bound``) come
-    from the mean.
+    The weights are marked (:func:`noisejax.mark`, tag ``"crossbar"``): in the moment
+    interpretation (:func:`noisejax.moments.predict`, :func:`drift_moments`) the product
+    taking them is computed by the layer's product model — :class:`AnalogHardware`'s moment
+    rule, the same as at any model's matmul sites (:mod:`noisejax.hardware.chip`).
 
     Example::
 
         >>> net = layers.mlp([64, 32, 10], "sigmoid", "linear", noisy=False, dense=AnalogDense)
     """
     dense = layers.Dense(out_dim, use_bias=use_bias)
-    dense_rule = _moments.dense_rule(use_bias=use_bias)
 
     def apply(params, x, *, key=None, noise=None):
-        W = params["W"]
+        W = _mark(params["W"], CROSSBAR_TAG)
         gain = params.get("gain")
         if isinstance(noise, AnalogHardware) and noise.mvm is not None:
             if key is None:
                 raise InvalidArgumentError("an AnalogDense site with noise=AnalogHardware(...) needs key=")
             _gain_grid(W.shape, gain, noise.tile)
-            y = noise.mvm.tiled(x, W, key=key, tile=noise.tile, gain=gain)
+            y = noise.product(x, W, key=key, gain=gain)
         else:
             _validate.check_input("x", x, W.shape[0], finite=False)
             G = _gain_matrix(W.shape, gain, None)
@@ -307,161 +262,8 @@ def AnalogDense(out_dim: int, *, use_bias: bool = True) -> layers.Layer:
             y = y + params["b"]
         return y
 
-    def moments(params, state, *, noise=None, weight_noise_var=None, **options):
-        W, w_var = _unwrap(params["W"])
-        gain = params.get("gain")
-        hw = noise if isinstance(noise, AnalogHardware) else None
-        tile = hw.tile if hw is not None else None
-        G = _gain_matrix(W.shape, gain, tile)
-        if hw is None or hw.mvm is None:
-            W_eff = W if G is None else W * G
-            var_eff = None if w_var is None else (w_var if G is None else w_var * jnp.square(G))
-            p = dict(params, W=W_eff if var_eff is None else _moments.NoisyParam(W_eff, var_eff))
-            p.pop("gain", None)
-            return dense_rule(p, state, weight_noise_var=weight_noise_var, **options)
-        return _analog_moments(hw, W, w_var, gain, params.get("b"), state, dense_rule, options)
-
     spec = {"kind": "dense", "out_dim": out_dim, "analog": True}
-    fields = {"init": dense.init, "apply": apply, "n_sites": 1, "spec": spec}
-    if "moments" in layers.Layer._fields:  # layers that carry their own moment rule
-        fields["moments"] = moments
-    return layers.Layer(**fields)
-
-
-def _deterministic(state: _moments.LayerMoments) -> bool:
-    return state.diag is None and state.factors is None and state.lazy is None and state.cov is None
-
-
-def _analog_moments(hw: AnalogHardware, W, w_var, gain, b, state, dense_rule, options):
-    """Moment rule of one analog affine layer (one example); see :func:`AnalogDense`."""
-    if not isinstance(state, _moments.LayerMoments):
-        raise InvalidArgumentError(f"AnalogDense moments: state must be a LayerMoments, got {type(state).__name__}")
-    mvm = hw.mvm
-    mu = state.mean
-    if mu.ndim != 1 or mu.shape[0] != W.shape[0]:
-        raise ShapeMismatchError(f"AnalogDense moments: expected a vector of {W.shape[0]} features, got shape {tuple(mu.shape)}")
-    dtype = mu.dtype
-    grid = TileGrid.of(W.shape, hw.tile)
-    G = _gain_matrix(W.shape, gain, hw.tile)
-    g_tiles = jnp.ones(grid.shape, dtype) if gain is None else jnp.broadcast_to(jnp.asarray(gain, dtype), grid.shape)
-    ob = jnp.asarray(mvm.out_bound, dtype)
-    n_max = jnp.floor(jnp.log2(mvm.bm_limit())) + 1.0  # r never exceeds 2^n_max (first power of two past the limit)
-    bm = mvm.bound_management == "iterative"
-    det = _deterministic(state)
-    out_var_unit = jnp.square(jnp.asarray(mvm.out_noise, dtype)) + jnp.square(mvm.out_step.astype(dtype)) / 12.0
-    in_q_var = jnp.square(mvm.inp_step.astype(dtype)) / 12.0
-
-    in_slices, out_slices = grid.in_slices(), grid.out_slices()
-    m_k = []
-    for si in in_slices:
-        m = jnp.max(jnp.abs(mu[si])) if mvm.noise_management == "abs_max" else jnp.ones((), dtype)
-        m_k.append(jnp.where(m > 0, m, 1.0))
-    r_ko = {}
-    for k, si in enumerate(in_slices):
-        for o, so in enumerate(out_slices):
-            if bm:
-                zmax = jnp.max(jnp.abs((mu[si] / m_k[k]) @ W[si, so]))
-                n = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(zmax / ob, 1e-30))), 0.0, n_max)
-                r_ko[k, o] = jnp.power(2.0, n)
-            else:
-                r_ko[k, o] = jnp.ones((), dtype)
-
-    # additive variance of the periphery on each output: output noise + ADC
-    out_var = jnp.concatenate([
-        sum(jnp.square(g_tiles[k, o] * m_k[k] * r_ko[k, o]) * out_var_unit for k in range(len(in_slices)))
-        * jnp.ones((so.stop - so.start,), dtype)
-        for o, so in enumerate(out_slices)
-    ])
-
-    if det:
-        # exact DAC: the mean uses the quantized input of each tile pair
-        mean_cols, var_cols = [], []
-        for o, so in enumerate(out_slices):
-            m_o = 0.0
-            v_o = 0.0
-            for k, si in enumerate(in_slices):
-                scale = m_k[k] * r_ko[k, o]
-                xq = mvm.dac(mu[si] / scale) * scale
-                m_o = m_o + g_tiles[k, o] * (xq @ W[si, so])
-                if w_var is not None:
-                    wv = jnp.broadcast_to(jnp.asarray(w_var, dtype), W.shape)[si, so]
-                    v_o = v_o + jnp.square(g_tiles[k, o]) * (jnp.square(xq) @ wv)
-            mean_cols.append(m_o)
-            var_cols.append(v_o * jnp.ones_like(m_o))
-        mean = jnp.concatenate(mean_cols)
-        if b is not None:
-            mean = mean + (b.value if isinstance(b, _moments.NoisyParam) else b)
-        var = jnp.concatenate(var_cols) + out_var
-        if isinstance(b, _moments.NoisyParam):
-            var = var + jnp.broadcast_to(jnp.asarray(b.noise_var, dtype), var.shape)
-        out = _moments.initial_moments(mean, state.covariance)
-        return _moments._add_to_diagonal(out, var)
-
-    # noisy input: DAC as uniform noise (per input tile, the largest reduction of its tiles)
-    dac_var = jnp.concatenate([
-        in_q_var * jnp.square(m_k[k] * _max_r(r_ko, k, len(out_slices))) * jnp.ones((si.stop - si.start,), dtype)
-        for k, si in enumerate(in_slices)
-    ])
-    state = _moments._add_to_diagonal(state, dac_var)
-    W_eff = W if G is None else W * G
-    var_eff = None if w_var is None else (w_var if G is None else w_var * jnp.square(G))
-    p = {"W": W_eff if var_eff is None else _moments.NoisyParam(W_eff, var_eff)}
-    if b is not None:
-        p["b"] = b
-    out = dense_rule(p, state, **options)
-    return _moments._add_to_diagonal(out, out_var)
-
-
-def _max_r(r_ko: dict, k: int, n_out_tiles: int):
-    r = r_ko[k, 0]
-    for o in range(1, n_out_tiles):
-        r = jnp.maximum(r, r_ko[k, o])
-    return r
-
-
-# ----------------------------------------------------------------------------------
-# Analytic path
-# ----------------------------------------------------------------------------------
-
-
-def _analytic_gain(hw: AnalogHardware, st: PCMMoments, grid: TileGrid) -> Optional[Array]:
-    """Drift-compensation gain per tile from the exact weight statistics (ratio of expectations)."""
-    if hw.compensation == "none":
-        return None
-    if hw.compensation == "exact" or hw.mvm is None:
-        ref, now = st.prog_abs_mean, st.abs_mean
-    else:
-        mvm = hw.mvm
-        c = mvm.dac(jnp.ones((), st.mean.dtype))  # the one-hot input after the DAC
-        noise = jnp.square(mvm.out_noise) + jnp.square(mvm.out_step) / 12.0
-        ref = _folded_normal_mean(c * st.prog_mean, c * c * st.prog_var + noise)
-        now = _folded_normal_mean(c * st.mean, c * c * st.var + noise)
-    floor = 1e-4
-    return jnp.maximum(grid.reduce(jnp.mean, ref), floor) / jnp.maximum(grid.reduce(jnp.mean, now), floor)
-
-
-def moment_params(hardware: AnalogHardware, params: PyTree, t: Array, *, nodes: int = 24) -> PyTree:
-    """Params for the analytic path at time ``t``: each affine ``W`` becomes a
-    :class:`~noisejax.moments.NoisyParam` with the exact per-weight mean and variance of
-    :meth:`PCMNoise.read` (:meth:`PCMNoise.weight_moments`), plus the analytic ``gain``
-    (ratio of the expected readouts; ``"readout"`` uses a folded-normal model of the
-    noisy readout).  ``t`` is a scalar (``vmap`` over times).
-    """
-    hw = _check_hardware(hardware, "moment_params")
-
-    def one(j, d):
-        W = d["W"]
-        if isinstance(W, (PCMState, _moments.NoisyParam)):
-            raise InvalidArgumentError("moment_params: expects the trained params (plain arrays at 'W')")
-        grid = TileGrid.of(W.shape, hw.tile)
-        st = hw.pcm.weight_moments(W, t, tile=hw.tile, nodes=nodes)
-        out = dict(d, W=_moments.NoisyParam(st.mean, st.var))
-        gain = _analytic_gain(hw, st, grid)
-        if gain is not None:
-            out["gain"] = gain if hw.tile is not None else gain[0, 0]
-        return out
-
-    return _map_affine(params, one)
+    return layers.Layer(dense.init, apply, 1, spec)
 
 
 def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hardware: AnalogHardware,
@@ -470,15 +272,16 @@ def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hard
     """Analytic per-layer mean and variance of ``net`` on the hardware at time ``t``.
 
     Statistics over realizations (programming, drift, read noise, output noise,
-    quantization) for each fixed input, as :func:`drift_forward` samples them.
+    quantization) for each fixed input, as :func:`drift_forward` samples them:
+    :func:`noisejax.moments.predict` with ``weight=hardware.weights(t)`` (the devices) and
+    ``noise=hardware`` (the crossbars at the :func:`AnalogDense` products).
 
     Args:
       net, params: as for :func:`drift_forward`.
-      x: one input or a batch ``(B, *in_shape)`` (a batch when ``x.ndim`` exceeds the
-        first layer's input rank).
+      x: one input or a batch ``(B, *in_shape)``.
       t: a scalar time (``vmap`` over times).
       hardware: the :class:`AnalogHardware`.
-      method, covariance: of :func:`noisejax.moments.propagate`.
+      method, covariance: of :func:`noisejax.moments.predict`.
       nodes: Gauss–Legendre points per device (see :meth:`PCMNoise.weight_moments`).
       keep_covariance: keep each layer's covariance structure (``covariance_matrix()``
         per example, e.g. the logits' covariance for an accuracy prediction).
@@ -494,46 +297,12 @@ def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hard
     least half a DAC step (``δ_in m ≈ 0.016 m``), with ``m = max|x|`` taken at the mean;
     the drift-compensation gain is the ratio of expected readouts (its fluctuation over
     realizations, ``O(1/√(in·out))``, is neglected); activations use the Gaussian closure of
-    :mod:`noisejax.moments`.
+    :mod:`noisejax.rules`.
     """
     hw = _check_hardware(hardware, "drift_moments")
-    if getattr(net, "moments", None) is None:
-        raise InvalidArgumentError("net has no moment rule: every layer needs one (build it with noisejax.layers)")
-    _validate.check_choice("method", method, _moments.METHODS)
-    _validate.check_choice("covariance", covariance, _moments.COVARIANCES)
     nodes = _validate.check_int("nodes", nodes, minimum=2)
-    x = jnp.asarray(x)
-    first = _map_affine_first_shape(params)
-    batched = x.ndim == 2 and x.shape[-1] == first[0]
-    return _compiled_moments(net, method, covariance, nodes, batched, bool(keep_covariance))(params, x, jnp.asarray(t), hw)
-
-
-def _map_affine_first_shape(params: PyTree) -> tuple[int, int]:
-    shapes = []
-    _map_affine(params, lambda j, d: shapes.append(tuple(jnp.shape(d["W"]))) or d)
-    return shapes[0]
-
-
-_MOMENTS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled_moments(net, method, covariance, nodes, batched, keep):
-    """One jitted analytic pass per network and options (cached like :func:`noisejax.moments.predict`)."""
-    per_net = _MOMENTS_CACHE.setdefault(net.moments, {})
-    key = (method, covariance, nodes, batched, keep)
-    if key not in per_net:
-
-        def run(params, x, t, hw):
-            p = moment_params(hw, params, t, nodes=nodes)
-
-            def one(xi):
-                outs = _moments.propagate(net, p, xi, noise=hw, method=method, covariance=covariance)
-                return outs if keep else tuple(o.compact() for o in outs)
-
-            return jax.vmap(one)(x) if batched else one(x)
-
-        per_net[key] = jax.jit(run)
-    return per_net[key]
+    return _moments.predict(net, params, x, noise=hw, weight=hw.weights(t, nodes=nodes), method=method,
+                            covariance=covariance, keep_covariance=keep_covariance)
 
 
 # ----------------------------------------------------------------------------------
