@@ -445,7 +445,7 @@ def _view(op, w_pos: int, x_ndim: int, w_ndim: int, w_shape) -> _View:
         x_perm = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
         out_perm = tuple(np.argsort(x_perm))
         conv = {"window": window, "strides": p["window_strides"], "padding": p["padding"], "lhs_dilation": p["lhs_dilation"],
-                "rhs_dilation": p["rhs_dilation"], "dn": dn, "precision": p.get("precision")}
+                "rhs_dilation": p["rhs_dilation"], "dn": dn, "precision": R.patch_precision(p.get("precision"))}
         del lhs_spec
         return _View("conv", x_perm, w_perm, tuple(w_shape), out_perm, tuple(w_perm) != tuple(range(w_ndim)), conv,
                      feature_order)
