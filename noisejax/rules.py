@@ -200,6 +200,8 @@ def _cast_block(b, dtype):
         return G.Diag(b.sid, b.scale.astype(dtype), b.src, b.n)
     if isinstance(b, G.Dense):
         return G.Dense(b.sid, b.cols.astype(dtype))
+    if isinstance(b, G.Channel):
+        return G.Channel(b.sid, b.u.astype(dtype), b.axis)
     return G.Lazy(b.sid, b.left.astype(dtype), b.a.astype(dtype), b.right.astype(dtype))
 
 
@@ -402,6 +404,8 @@ def _window_sum_rule(ctx, op, ins):
             blocks.append(G.Dense(b.sid, cols))
         elif isinstance(b, G.Diag) and ctx.mode == "lowrank":
             blocks.append(G.Diag(G.fresh(), G._safe_sqrt(lin(jnp.square(b.scale)))))
+        elif isinstance(b, G.Channel) and win[b.axis] == 1:
+            blocks.append(_compress_channel(G.Channel(b.sid, lin(b.u), b.axis), ctx))
         else:
             blocks.append(G.Dense(b.sid, lin(G.to_dense(b, x.shape).cols)))  # lin takes the column axis as is
     return [G.Gaussian(mean, G.merge(blocks, mean.shape))]
@@ -497,6 +501,12 @@ def _canonical_dot(op, x_ndim, w_ndim, x_pos):
     return tuple(bx) + tuple(fx) + tuple(cx), tuple(bw) + tuple(cw) + tuple(fw), (len(bx), len(fx), len(cx)), x_pos == 1
 
 
+def pw_batch_contract(op, x_pos) -> tuple:
+    """The kernel operand's batch and contracting dimensions."""
+    (lc, rc), (lb, rb) = op.params["dimension_numbers"]
+    return tuple(rb) + tuple(rc) if x_pos == 0 else tuple(lb) + tuple(lc)
+
+
 def _dot_weight(ctx, op, x, w, var_w, x_pos) -> Gaussian:
     """``dot_general`` with a kernel whose entries carry independent private noise (module doc)."""
     xm = _mean(x)
@@ -534,12 +544,37 @@ def _dot_weight(ctx, op, x, w, var_w, x_pos) -> Gaussian:
         diag_var = diag_var + jnp.einsum("bij,bjo->bio", jnp.square(X), S2)
     else:
         U, r = _gram_factor(X, S2)  # (B, O, I, r)
-        eyeB, eyeO = jnp.eye(B, dtype=mean.dtype), jnp.eye(O, dtype=mean.dtype)
-        cols = jnp.einsum("boiq,bc,op->biocpq", U, eyeB, eyeO).reshape(B, I, O, B * O * r)
-        blocks.append(G.Dense(G.fresh(), to_out(cols)))
+        n_free_w = w.mean.ndim - len(pw_batch_contract(op, x_pos))
+        if B == 1 and n_free_w == 1 and not swap:  # output channel o's own kernel entries: a per-channel block
+            u = jnp.moveaxis(U[0], 0, 1)  # (I, O, r)
+            blocks.append(G.Channel(G.fresh(), u.reshape(mean.shape + (u.shape[-1],)), mean.ndim - 1))
+        else:
+            eyeB, eyeO = jnp.eye(B, dtype=mean.dtype), jnp.eye(O, dtype=mean.dtype)
+            cols = jnp.einsum("boiq,bc,op->biocpq", U, eyeB, eyeO).reshape(B, I, O, B * O * r)
+            blocks.append(G.Dense(G.fresh(), to_out(cols)))
     if not (isinstance(diag_var, float) and diag_var == 0.0):
         blocks.append(G.Diag(G.fresh(), G._safe_sqrt(to_out(diag_var))))
     return G.Gaussian(mean, G.merge(blocks, mean.shape))
+
+
+def _compress_channel(b: "G.Channel", ctx) -> "G.Channel":
+    """A private per-channel block with more sources than positions per channel, refactored (exactly)
+    to as many sources as positions: ``u_c u_cᵀ = v_c v_cᵀ`` with ``v_c`` from the eigendecomposition."""
+    if b.sid in ctx.live:
+        return b
+    shape = b.u.shape[:-1]
+    r = b.u.shape[-1]
+    uc = jnp.moveaxis(b.u, b.axis, 0)  # (C, *rest, r)
+    rest = uc.shape[1:-1]
+    p = int(np.prod(rest)) if rest else 1
+    if r <= p:
+        return b
+    uc = uc.reshape(uc.shape[0], p, r)
+    gram = jnp.einsum("cpq,ckq->cpk", uc, uc)
+    lam, vec = jnp.linalg.eigh(gram)
+    v = vec * G._safe_sqrt(lam)[:, None, :]  # (C, p, p)
+    v = jnp.moveaxis(v.reshape((uc.shape[0],) + rest + (p,)), 0, b.axis)
+    return G.Channel(G.fresh(), v.reshape(shape + (p,)), b.axis)
 
 
 def _gram_factor(X: Array, S2: Array):
@@ -581,20 +616,61 @@ def _conv_rule(ctx, op, ins):
         if _is_g(x):
             return [_bilinear(ctx, op, x, w)]
         return _linear_product(ctx, op, ins)
-    return [_lazy_linear(ctx, op, x, lambda v: _bind(op, [v, w])[0], lambda v: _bind(op, [v, _safe_kernel(jnp.square(w))])[0])]
+    return [_lazy_linear(ctx, op, x, lambda v: _bind(op, [v, w])[0], lambda v: _bind(op, [v, _safe_kernel(jnp.square(w))])[0], w)]
 
 
 _LAZY_MAX = 1 << 24  # entries of a shared operator matrix
 
 
-def _lazy_linear(ctx, op, x: Gaussian, lin: Callable[[Array], Array], lin_sq: Callable[[Array], Array]) -> Gaussian:
+def _conv_channel_ok(op, b) -> bool:
+    p = op.params
+    return (op.prim.name == "conv_general_dilated" and p["feature_group_count"] == 1 and p["batch_group_count"] == 1
+            and b.axis == p["dimension_numbers"].lhs_spec[1])
+
+
+def _conv_channel(op, b: "G.Channel", w: Array) -> "G.Dense":
+    """A convolution of a per-channel block: source (c, q) loads on input channel c only, so each is a
+    one-channel map convolved with the kernel's slice ``[:, :, c, :]`` — one grouped convolution
+    (``feature_group_count = C``) over the ``r`` sources folded into the batch."""
+    p = op.params
+    dn = p["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    u = b.u  # (*in_shape, r)
+    r = u.shape[-1]
+    nb = lhs_spec[0]
+    n_ch, n_out = w.shape[rhs_spec[1]], w.shape[rhs_spec[0]]
+    # fold the sources into the batch: (..., N, ...) -> (..., r*N, ...)
+    lhs = jnp.moveaxis(u, -1, nb)
+    lhs = lhs.reshape(lhs.shape[:nb] + (r * lhs.shape[nb + 1],) + lhs.shape[nb + 2 :])
+    nd = len(rhs_spec) - 2
+    hwio = jnp.transpose(w, tuple(rhs_spec[2:]) + (rhs_spec[1], rhs_spec[0]))  # (spatial..., C, O)
+    kernel = hwio.reshape(hwio.shape[:nd] + (1, n_ch * n_out))  # group c -> outputs c*O .. c*O+O-1
+    dn_g = lax.ConvDimensionNumbers(lhs_spec, tuple(range(nd, nd + 2))[::-1] + tuple(range(nd)), out_spec)
+    out = lax.conv_general_dilated(
+        lhs, kernel, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn_g,
+        feature_group_count=n_ch, precision=p.get("precision"),
+    )
+    ob, of = out_spec[0], out_spec[1]
+    out = out.reshape(out.shape[:ob] + (r, out.shape[ob] // r) + out.shape[ob + 1 :])  # split r*N
+    of_s = of + 1 if of > ob else of
+    out = out.reshape(out.shape[:of_s] + (n_ch, n_out) + out.shape[of_s + 1 :])  # split C*O
+    # axes now: ... r at ob, N at ob+1, ..., C at of_s, O at of_s+1, ...; target (*out_shape, C, r)
+    c_axis, o_axis = of_s, of_s + 1
+    r_axis = ob
+    rest = [a for a in range(out.ndim) if a not in (r_axis, c_axis)]
+    out = jnp.transpose(out, tuple(rest) + (c_axis, r_axis))
+    return G.Dense(b.sid, out.reshape(out.shape[:-2] + (n_ch * r,)))
+
+
+def _lazy_linear(ctx, op, x: Gaussian, lin: Callable[[Array], Array], lin_sq: Callable[[Array], Array], op_kernel: Array) -> Gaussian:
     """A linear map with a shared operator (a convolution with a parameter kernel): private
     diagonal blocks become lazy ``diag(1) A diag(scale)`` with ``A = lin(I)`` computed once for
     all examples; the other blocks are mapped column by column."""
     mean = lin(x.mean)
     lazy_ok = ctx.mode != "lowrank" and x.mean.size * mean.size <= _LAZY_MAX
     private = [b for b in x.blocks if lazy_ok and isinstance(b, G.Diag) and b.src is None and b.sid not in ctx.live]
-    rest = [b for b in x.blocks if b not in private]
+    channel = [b for b in x.blocks if isinstance(b, G.Channel) and _conv_channel_ok(op, b)]
+    rest = [b for b in x.blocks if b not in private and b not in channel]
     out = G.map_linear(G.Gaussian(x.mean, tuple(rest)), lin, mean, mode=ctx.mode, lin_sq=lin_sq)
     blocks = list(out.blocks)
     if private:
@@ -603,6 +679,7 @@ def _lazy_linear(ctx, op, x: Gaussian, lin: Callable[[Array], Array], lin_sq: Ca
         a = jax.vmap(lin)(basis).reshape(n, -1).T  # (n_out, n_in): the same for every example
         for b in private:
             blocks.append(G.Lazy(b.sid, jnp.ones(mean.shape, mean.dtype), a, b.scale.reshape(n)))
+    blocks += [_conv_channel(op, b, op_kernel) for b in channel]
     return G.Gaussian(mean, G.merge(blocks, mean.shape))
 
 
@@ -611,7 +688,11 @@ def _conv_weight(ctx, op, x, w, var_w) -> Gaussian:
     p = op.params
     xm = _mean(x)
     mean = _bind(op, [xm, w.mean])[0]
-    out = _linear_product(ctx, op, [x, w.mean])[0] if _is_g(x) else G.Gaussian(mean, ())
+    wm = w.mean
+    if _is_g(x):  # the noise of x through the mean kernel (lazy / per-channel forms kept)
+        out = _lazy_linear(ctx, op, x, lambda v: _bind(op, [v, wm])[0], lambda v: _bind(op, [v, _safe_kernel(jnp.square(wm))])[0], wm)
+    else:
+        out = G.Gaussian(mean, ())
     blocks = list(out.blocks)
     kvar = _safe_kernel(var_w)
     diag_var = _bind(op, [G.variance(x), kvar])[0] if _is_g(x) else None
@@ -640,12 +721,10 @@ def _conv_weight(ctx, op, x, w, var_w) -> Gaussian:
             og = slice(gi * (O // groups), (gi + 1) * (O // groups))
             U, r = _gram_factor(Xg[None], S2[None, :, og])
             us.append(U[0])  # (O/G, I, r)
-        U = jnp.concatenate(us, axis=0)  # (O, I, r)
-        r = U.shape[-1]
-        cols = jnp.einsum("oiq,op->iopq", U, jnp.eye(O, dtype=mean.dtype)).reshape(canon_shape + (O, O * r))
-        inv = np.argsort(perm)
-        cols = jnp.transpose(cols, tuple(inv) + (len(perm),))
-        blocks.append(G.Dense(G.fresh(), cols))
+        U = jnp.concatenate(us, axis=0)  # (O, I, r): output channel o's own kernel entries
+        u = jnp.moveaxis(U, 0, 1).reshape(canon_shape + (O, U.shape[-1]))  # canonical (batch, spatial..., O, r)
+        u = jnp.transpose(u, tuple(np.argsort(perm)) + (len(perm),))
+        blocks.append(G.Channel(G.fresh(), u, out_spec[1]))
     if diag_var is not None:
         blocks.append(G.Diag(G.fresh(), G._safe_sqrt(diag_var)))
     return G.Gaussian(mean, G.merge(blocks, mean.shape))
