@@ -15,11 +15,20 @@ Namespaces (imported on first use)::
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable), dB gains, plots
     noisejax.store      atomic, checksummed result files and resumable points
+    noisejax.selfcheck  does this backend compute noisejax's kernels right? (also callable)
+
+Importing noisejax first applies a backend guard (``noisejax._backend``): on an
+affected jaxlib (0.10.2) it adds ``--xla_cpu_experimental_ynn_fusion_type=`` to
+``XLA_FLAGS`` unless you set that flag yourself (or ``NOISEJAX_XLA_GUARD=0``).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from noisejax import _backend
+
+_backend.apply_xla_guard()  # before any JAX backend starts: XLA reads XLA_FLAGS once
 
 __version__ = "0.1.0"
 
@@ -42,6 +51,7 @@ _SUBMODULES = (
     "reproduce",
     "data",
     "flax",
+    "selfcheck",
 )
 
 __all__ = list(_SUBMODULES) + ["__version__"]

@@ -141,20 +141,34 @@ def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
             return z
         if key is None:
             raise InvalidArgumentError("WeightNoiseDense with noise= needs key=")
-        var_w = jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
-        var = jnp.square(x) @ var_w
+        var = _moments._dense_weight_noise_term(jnp.square(x), noise.variance, params["W"].shape)
         if "b" in params:
-            var_b = noise.variance if noise.bias_variance is None else noise.bias_variance
-            var = var + jnp.asarray(var_b, z.dtype)
+            var = var + jnp.asarray(_bias_variance(noise), z.dtype)
         return z + jnp.sqrt(var) * jax.random.normal(key, z.shape, z.dtype)
 
     def moments(params, state, *, noise=None, **options):
-        wvar = options.pop("weight_noise_var", None)
-        if isinstance(noise, _LocalWeightNoise):
-            wvar = noise.variance
-        return dense.moments(params, state, weight_noise_var=wvar, **options)
+        if not isinstance(noise, _LocalWeightNoise):
+            return dense.moments(params, state, **options)
+        # W and b carry their own variances (bias_variance may differ from variance); noise
+        # already attached with moments.with_weight_noise adds up (independent sources)
+        noisy = dict(params)
+        noisy["W"] = _with_extra_variance(params["W"], noise.variance)
+        if "b" in params:
+            noisy["b"] = _with_extra_variance(params["b"], _bias_variance(noise))
+        return dense.moments(noisy, state, **options)
 
     return Layer(dense.init, apply, moments, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
+
+
+def _bias_variance(noise: _LocalWeightNoise):
+    return noise.variance if noise.bias_variance is None else noise.bias_variance
+
+
+def _with_extra_variance(leaf, variance):
+    """``leaf`` as a :class:`~noisejax.moments.NoisyParam` with ``variance`` added to any it already carries."""
+    if isinstance(leaf, _moments.NoisyParam):
+        return _moments.NoisyParam(leaf.value, leaf.noise_var + variance)
+    return _moments.NoisyParam(leaf, variance)
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:

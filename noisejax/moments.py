@@ -120,6 +120,7 @@ __all__ = [
     "activation_moments",
     "dense_rule",
     "conv_rule",
+    "window_sum",
     "flatten_rule",
     "activation_rule",
     "neuron_noise_rule",
@@ -353,6 +354,77 @@ def _linear_rule(
     return _add_to_diagonal(out, weight_term)
 
 
+# The weight-noise terms below never feed a reduction (E[y²] = m² + d + Σ_r F_r²) into a
+# conv or dot whose other operand is a broadcast scalar: jaxlib 0.10.2's XLA:CPU miscompiles
+# that fusion under jit(vmap) (garbage such as 1e33 or NaN; see noisejax._backend).  A scalar
+# (or per-output) variance is written as a plain sum / window sum instead — exact, and cheaper.
+
+
+def _dense_weight_noise_term(ey2: Array, w_var: Any, w_shape: tuple[int, int]) -> Array:
+    """``Σ_j σ²_jo E[y_j²]`` over the last axis of ``ey2`` (``(..., fan_in) -> (..., fan_out)``),
+    for ``σ²`` broadcastable to ``W``'s ``(fan_in, fan_out)``."""
+    v = jnp.asarray(w_var, ey2.dtype)
+    out_shape = ey2.shape[:-1] + (w_shape[1],)
+    v2 = v.reshape((1,) * (2 - v.ndim) + v.shape)
+    if v2.shape[0] == 1:  # σ² independent of the input index: σ²_o Σ_j E[y_j²]
+        return jnp.sum(ey2, axis=-1, keepdims=True) * jnp.broadcast_to(v2[0], (w_shape[1],))
+    if v2.shape[1] == 1:  # independent of the output index: one matrix-vector product
+        return jnp.broadcast_to((ey2 @ v2[:, 0])[..., None], out_shape)
+    return ey2 @ v2
+
+
+def window_sum(x: Array, kernel_shape: Sequence[int], strides: Sequence[int], padding: Any,
+               dimension_numbers: Any = ("NHWC", "HWIO", "NHWC")) -> Array:
+    """``conv(x, ones(kernel_shape))`` for ONE example ``x`` without a convolution (one output channel).
+
+    The sum of ``x`` over each convolution window and all input channels, computed as a
+    channel sum and a :func:`jax.lax.reduce_window` with the convolution's window,
+    strides and padding; returned in the convolution's output layout with a feature
+    axis of size 1.  A constant kernel makes a convolution exactly this, and avoids
+    jaxlib 0.10.2's XLA:CPU miscompile of a constant-kernel convolution fed by a
+    reduction (see :mod:`noisejax._backend`).
+
+    Example::
+
+        >>> window_sum(jnp.ones((4, 4, 2)), (3, 3, 2, 5), (1, 1), "SAME")[0, :, 0]   # 2 channels × 4, 6 or 9 pixels
+        Array([ 8., 12., 12.,  8.], dtype=float32)
+    """
+    xb = x[None]
+    cdn = lax.conv_dimension_numbers(xb.shape, tuple(kernel_shape), dimension_numbers)
+    nd = xb.ndim
+    s = jnp.sum(xb, axis=cdn.lhs_spec[1], keepdims=True)
+    window, wstrides = [1] * nd, [1] * nd
+    for i, (ld, rd) in enumerate(zip(cdn.lhs_spec[2:], cdn.rhs_spec[2:])):
+        window[ld], wstrides[ld] = int(kernel_shape[rd]), int(strides[i])
+    if isinstance(padding, str):
+        pads = padding
+    else:
+        pads = [(0, 0)] * nd
+        for i, ld in enumerate(cdn.lhs_spec[2:]):
+            pads[ld] = tuple(padding[i])
+    ws = lax.reduce_window(s, jnp.zeros((), s.dtype), lax.add, tuple(window), tuple(wstrides), pads)
+    perm = [0] * nd
+    for k in range(nd):
+        perm[cdn.out_spec[k]] = cdn.lhs_spec[k]
+    return jnp.transpose(ws, perm)[0]
+
+
+def _conv_weight_noise_term(ey2, w_var, w_shape, strides, padding, dimension_numbers) -> Array:
+    """``conv(σ², E[y²])`` (the convolution with the kernel of weight-noise variances) for one example."""
+    v = jnp.asarray(w_var, ey2.dtype)
+    v = v.reshape((1,) * (len(w_shape) - v.ndim) + v.shape)
+    cdn = lax.conv_dimension_numbers((1,) + tuple(ey2.shape), tuple(w_shape), dimension_numbers)
+    out_axis = cdn.rhs_spec[0]
+    if all(size == 1 for d, size in enumerate(v.shape) if d != out_axis):  # σ² per output channel (or scalar)
+        n_out = int(w_shape[out_axis])
+        per_out = jnp.broadcast_to(v.reshape(v.shape[out_axis]), (n_out,))
+        ws = window_sum(ey2, w_shape, strides, padding, dimension_numbers)
+        feat = cdn.out_spec[1] - 1  # feature axis of one example's output
+        return ws * per_out.reshape([n_out if a == feat else 1 for a in range(ws.ndim)])
+    kernel = jnp.broadcast_to(v, tuple(w_shape))
+    return lax.conv_general_dilated(ey2[None], kernel, tuple(strides), padding, dimension_numbers=dimension_numbers)[0]
+
+
 def dense_rule(*, use_bias: bool = True) -> Callable[..., LayerMoments]:
     """Moment rule of :func:`noisejax.layers.Dense` (``x = y W + b`` on a vector ``y``).
 
@@ -376,8 +448,7 @@ def dense_rule(*, use_bias: bool = True) -> Callable[..., LayerMoments]:
             b, b_var = _unwrap(params["b"], weight_noise_var)
         term = None
         if w_var is not None:
-            ey2 = jnp.square(m) + state.var
-            term = ey2 @ jnp.broadcast_to(jnp.asarray(w_var, m.dtype), W.shape)
+            term = _dense_weight_noise_term(jnp.square(m) + state.var, w_var, W.shape)
         if b_var is not None and b is not None:
             term = _add(term, jnp.broadcast_to(jnp.asarray(b_var, m.dtype), (W.shape[1],)))
         if state.covariance == "factored":
@@ -426,8 +497,7 @@ def conv_rule(strides: Sequence[int], padding: Any, dimension_numbers: Any = ("N
             b, b_var = _unwrap(params["b"], weight_noise_var)
         term = None
         if w_var is not None:
-            ey2 = jnp.square(m) + state.var
-            term = conv(jnp.broadcast_to(jnp.asarray(w_var, m.dtype), W.shape), ey2)
+            term = _conv_weight_noise_term(jnp.square(m) + state.var, w_var, W.shape, strides, padding, dimension_numbers)
         if b_var is not None and b is not None:
             term = _add(term, jnp.asarray(b_var, m.dtype))
 
