@@ -191,6 +191,25 @@ def test_engine_equals_direct_vmap_statistics(network):
         np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("streams", [3, 6, 8])
+def test_any_stream_count_keeps_every_realization(network, streams):
+    """Non-power-of-two stream counts: the pairwise merge keeps the leftover accumulator (count and
+    statistics of all 3000 realizations, against the samples themselves), bitwise for two chunk sizes."""
+    fn = _mixed_fn(network)
+    n = 3000  # 46.9 tiles of 64: a partial last tile, tiles not a multiple of the stream count
+    res = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=448)
+    assert int(res.count) == n
+    keys = simulate.realization_keys(rng.key(9), jnp.arange(n, dtype=jnp.uint32))
+    samples = jax.vmap(fn)(keys)
+    for s, m, v in zip(samples, res.mean, res.var):
+        s = np.asarray(s, np.float64)
+        np.testing.assert_allclose(m, s.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+    other = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=64 * streams * 3)
+    for a, b in zip(jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(other)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 _DEVICE_SCRIPT = r"""
 import sys, jax, jax.numpy as jnp, numpy as np
 from noisejax import layers, noise, rng, simulate

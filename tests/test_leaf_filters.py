@@ -158,3 +158,26 @@ def leaf_filter_table(keys, leaf_filter=noise.default_leaf_filter):
         g = groups.setdefault((pattern, r.selected, r.reason), 0)
         groups[(pattern, r.selected, r.reason)] = g + 1
     return [(p, n, sel, reason) for (p, sel, reason), n in groups.items()]
+
+
+def test_cli_lists_what_weight_noise_perturbs(tmp_path, capsys):
+    from noisejax import cli
+
+    path = tmp_path / "sd.npz"
+    np.savez(path, **{"conv1.weight": np.ones((4, 3, 3, 3), np.float32), "bn1.weight": np.ones(4, np.float32),
+                      "bn1.num_batches_tracked": np.array(3), "layer2.0.shortcut.1.weight": np.ones(4, np.float32),
+                      "features.1.weight": np.ones(4, np.float32), "features.1.running_var": np.ones(4, np.float32),
+                      "fc.weight": np.ones((2, 4), np.float32)})
+    assert cli.main(["leaves", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:-1]}
+    assert " yes " in lines["conv1.weight"] and " yes " in lines["fc.weight"]
+    assert "normalization (bn1)" in lines["bn1.weight"] and "not floating point" in lines["bn1.num_batches_tracked"]
+    assert "Conv-BN pair (shortcut.1)" in lines["layer2.0.shortcut.1.weight"]
+    assert " yes " in lines["features.1.weight"]  # names alone: a limit ...
+    assert out.splitlines()[-1] == "weight noise perturbs 3 of 7 leaves (120 of 133 values)"
+    assert cli.main(["leaves", str(path), "--filter", "state-dict"]) == 0  # ... the tree-aware filter lifts
+    out = capsys.readouterr().out
+    assert "normalization module features.1" in out and out.splitlines()[-1].startswith("weight noise perturbs 2 of 7")
+    assert cli.main(["leaves", str(tmp_path / "missing.npz")]) == 2
+    assert "PARAMS file not found" in capsys.readouterr().err
