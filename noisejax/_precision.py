@@ -18,7 +18,8 @@
 Every measurement of ``docs/precision.md`` (float32, ``r`` 0–10⁵, ``n`` 10⁴–4·10⁶,
 ``T`` 64–1024, ``S`` 8–64) is below its bound (5–72 % of it where the error exceeds 0.1
 standard errors); beyond 4·10⁶ realizations they extrapolate the measured growth.  :func:`check_result` lists the output leaves
-where either bound exceeds one standard error; ``monte_carlo`` turns them into
+where either bound exceeds one standard error (entries whose std is below 8 ulps of their
+mean count as noise-free and are left out); ``monte_carlo`` turns them into
 :class:`noisejax.errors.PrecisionWarning`.  Remedies: return the deviation from a
 reference (e.g. ``fn(k) - clean_output``: ``r`` near 0), a larger ``tile_size`` or more
 ``streams`` (fewer sequential merges), or float64 (``JAX_ENABLE_X64=1``).
@@ -49,10 +50,19 @@ def var_error_bound(ratio: float, n: int, tile: int, streams: int, eps: float) -
     return eps * math.sqrt(n / 2.0) * (0.25 * (ratio + 1.0) + math.sqrt(n / (tile * streams)))
 
 
+#: entries whose std is below this many ulps of their mean are taken as noise-free: their
+#: "variance" is the rounding of a (near-)deterministic value, not noise (docs/precision.md)
+RESOLUTION_ULPS = 8.0
+
+
 @jax.jit
 def _max_ratios(mean: Any, var: Any) -> list:
     def one(m, v):
-        return jnp.max(jnp.where(v > 0, jnp.abs(m) / jnp.sqrt(jnp.where(v > 0, v, 1)), 0)) if m.size else jnp.zeros((), m.dtype)
+        if not m.size:
+            return jnp.zeros((), m.dtype)
+        sd = jnp.sqrt(jnp.maximum(v, 0))
+        noisy = sd > RESOLUTION_ULPS * jnp.finfo(m.dtype).eps * jnp.abs(m)
+        return jnp.max(jnp.where(noisy, jnp.abs(m) / jnp.where(noisy, sd, 1), 0))
 
     return [one(m, v) for m, v in zip(jax.tree_util.tree_leaves(mean), jax.tree_util.tree_leaves(var))]
 

@@ -142,3 +142,43 @@ def test_version_parsing():
     assert _backend._parse_version("1.0") == (1, 0, 0)
     assert _backend.is_affected((0, 10, 2)) and _backend.is_affected((0, 11, 3))
     assert not _backend.is_affected((0, 10, 1)) and not _backend.is_affected((0, 12, 0))
+
+
+def _numpy_conv_var(x2, v, b_var, k=3):
+    """Σ over the k×k window (SAME, stride 1) and input channels of σ²[dy, dx, c, o]·x²[y+dy−1, x+dx−1, c] + σ_b²."""
+    H, W, C = x2.shape
+    O = v.shape[-1]
+    pad = np.zeros((H + k - 1, W + k - 1, C))
+    pad[k // 2:k // 2 + H, k // 2:k // 2 + W] = x2
+    out = np.zeros((H, W, O))
+    for i in range(H):
+        for j in range(W):
+            out[i, j] = np.einsum("abc,abco->o", pad[i:i + k, j:j + k], v)
+    return out + b_var
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_output", "full"])
+def test_conv_weight_noise_variance_against_numpy(kind):
+    """A noise-free input through Conv with weight noise: Var = conv(σ², x²) + σ_b², written out in NumPy."""
+    net = layers.serial(layers.Conv(4, (3, 3)), layers.Linear())
+    _, p = net.init(jax.random.key(3), (5, 6, 2))
+    x = np.asarray(jax.random.normal(jax.random.key(4), (5, 6, 2)), np.float64)
+    rs = np.random.default_rng(0)
+    v = {"scalar": np.float32(0.03), "per_output": rs.random(4).astype(np.float32) * 0.1,
+         "full": rs.random((3, 3, 2, 4)).astype(np.float32) * 0.1}[kind]
+    wvar = ({"W": jnp.asarray(v), "b": jnp.float32(0.002)}, ())
+    got = np.asarray(moments.predict(net, p, jnp.asarray(x, jnp.float32), weight_noise_var=wvar)[-1].var)
+    want = _numpy_conv_var(np.square(x), np.broadcast_to(np.asarray(v, np.float64), (3, 3, 2, 4)), 0.002)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["scalar", "per_output", "per_input", "full"])
+def test_dense_weight_noise_variance_against_numpy(kind):
+    net = layers.serial(layers.Dense(5), layers.Linear())
+    _, p = net.init(jax.random.key(5), (7,))
+    x = np.asarray(jax.random.normal(jax.random.key(6), (7,)), np.float64)
+    rs = np.random.default_rng(1)
+    v = {"scalar": np.float32(0.03), "per_output": rs.random(5).astype(np.float32), "per_input": rs.random((7, 1)).astype(np.float32),
+         "full": rs.random((7, 5)).astype(np.float32)}[kind]
+    got = np.asarray(moments.predict(net, p, jnp.asarray(x, jnp.float32), weight_noise_var=({"W": jnp.asarray(v), "b": None}, ()))[-1].var)
+    np.testing.assert_allclose(got, np.square(x) @ np.broadcast_to(np.asarray(v, np.float64), (7, 5)), rtol=2e-5)
