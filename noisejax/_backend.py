@@ -34,8 +34,11 @@ Outside the affected range the flag is not set: XLA aborts the process on a flag
 does not know, and the flag's name is experimental.  The same variable affects the
 processes noisejax's users start from Python (``os.environ`` is inherited).
 
-The lead of a new moment rule should avoid the pattern in its programs too (see
-:func:`noisejax.moments.window_sum` and ``moments._weight_noise_term_*``); the
+A new moment rule should avoid the pattern in its own programs too: never convolve or
+``dot`` a reduction (e.g. ``m² + d + Σ_r F_r²``) with a broadcast *scalar* (``jnp.full``,
+``broadcast_to(σ², W.shape)``); write a scalar (or per-output) variance as a plain sum
+(Dense: ``σ² · Σ_j E[y_j²]``) or a window sum (Conv: :func:`noisejax.moments.window_sum`),
+as ``moments._dense_weight_noise_term`` and ``moments._conv_weight_noise_term`` do.  The
 selfcheck's ``known-miscompiles`` check runs both bare patterns.
 """
 

@@ -20,7 +20,10 @@ are static fields:
   :class:`AdditiveWeightNoise` (``w̃ = w + n`` at a WNR in dB),
   :class:`MultiplicativeWeightNoise` (device variation ``w̃ = w·(1 + ε)``) and
   :class:`Quantization` (uniform, b bits).  A *leaf filter* chooses the leaves; the
-  default skips normalization parameters and non-floating leaves.
+  default skips normalization parameters, running statistics, buffers and non-floating
+  leaves, in Flax trees and in PyTorch flat ``state_dict`` names alike
+  (:func:`default_leaf_filter`; :func:`state_dict_leaf_filter` also looks at a module's
+  contents); :func:`selected_leaves` lists what a filter picks.
 
 Example::
 
@@ -325,10 +328,10 @@ def selected_leaves(params: PyTree, leaf_filter: LeafFilter = default_leaf_filte
     Example::
 
         >>> for row in noise.selected_leaves({"conv1.weight": w, "bn1.weight": g, "bn1.running_mean": m}):
-        ...     print(row.name, row.selected, row.reason)
-        conv1.weight True
-        bn1.weight False normalization (bn1)
+        ...     print(row.name, row.selected, row.reason or "-")
         bn1.running_mean False normalization (bn1)
+        bn1.weight False normalization (bn1)
+        conv1.weight True -
     """
     rows = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
