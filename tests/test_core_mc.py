@@ -181,16 +181,21 @@ def test_jit_and_eager_and_repeated_runs_agree(network):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_engine_equals_direct_vmap_statistics(network):
-    fn = _mixed_fn(network)
-    n = 300
-    res = simulate.monte_carlo(fn, rng.key(9), n, chunk_size=7)
-    keys = simulate.realization_keys(rng.key(9), jnp.arange(n, dtype=jnp.uint32))
-    samples = jax.vmap(fn)(keys)
+def _assert_statistics_of_the_samples(fn, key, res):
+    """``res`` (count, mean, unbiased var) equals float64 statistics of fn(fold_in(key, i)), i < count."""
+    n = int(res.count)
+    samples = jax.vmap(fn)(simulate.realization_keys(key, jnp.arange(n, dtype=jnp.uint32)))
     for s, m, v in zip(samples, res.mean, res.var):
         s = np.asarray(s, np.float64)
         np.testing.assert_allclose(m, s.mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+
+
+def test_engine_equals_direct_vmap_statistics(network):
+    fn = _mixed_fn(network)
+    res = simulate.monte_carlo(fn, rng.key(9), 300, chunk_size=7)
+    assert int(res.count) == 300
+    _assert_statistics_of_the_samples(fn, rng.key(9), res)
 
 
 @pytest.mark.parametrize("streams", [3, 6, 8])
@@ -201,12 +206,7 @@ def test_any_stream_count_keeps_every_realization(network, streams):
     n = 3000  # 46.9 tiles of 64: a partial last tile, tiles not a multiple of the stream count
     res = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=448)
     assert int(res.count) == n
-    keys = simulate.realization_keys(rng.key(9), jnp.arange(n, dtype=jnp.uint32))
-    samples = jax.vmap(fn)(keys)
-    for s, m, v in zip(samples, res.mean, res.var):
-        s = np.asarray(s, np.float64)
-        np.testing.assert_allclose(m, s.mean(0), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+    _assert_statistics_of_the_samples(fn, rng.key(9), res)
     other = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=64 * streams * 3)
     for a, b in zip(jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(other)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
