@@ -291,7 +291,9 @@ def mc(setup):
         dig = jax.vmap(lambda nz: with_d2(layers.apply_batch(dnet, dparams, x_dig, key=key, noise=nz, return_layers=True)[1], clean_dig))
         return {"random": jax.vmap(rand)(sw_params, clean_rand), "digits": dig(dsites)}
 
-    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC)
+    # precision_check off: some digits-MLP outputs have |mean|/std ≈ 1.5·10⁴, where float32 may shift a
+    # mean by up to 1.8 standard errors (docs/precision.md); the tests compare means at 5
+    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC, precision_check=False)
     out = {}
     for branch, names, case_axis in (("random", NAMES, 1), ("digits", REGULAR, 0)):
         ys_mean, _ = res.mean[branch]
