@@ -132,11 +132,13 @@ def run_model(spec, cfg) -> dict:
     # the validation split only (same noise realizations as above: same key)
     signal_var = denoise.global_signal_var(variables)
     pb_grid = denoise.mmse_pb_grid(cfg.grid_lams, cfg.grid_betas, signal_var)
-    pb_val = sweeps.grid_accuracies(
-        f, variables, {"val": (ds.x_val, ds.y_val)}, wnr, pb_grid, key=k_val,
-        n_realizations=cfg.grid_realizations, store=points / "grid_pb", store_key=spec.model.to_dict(), **common,
-    )["val"]
-    pb_sel = sweeps.select_grid(pb_val)
+    pb_sel, pb_val = [], None
+    if cfg.authors_form:
+        pb_val = sweeps.grid_accuracies(
+            f, variables, {"val": (ds.x_val, ds.y_val)}, wnr, pb_grid, key=k_val,
+            n_realizations=cfg.grid_realizations, store=points / "grid_pb", store_key=spec.model.to_dict(), **common,
+        )["val"]
+        pb_sel = sweeps.select_grid(pb_val)
     t_grid = time.perf_counter() - t0
 
     # BatchNorm models: batch statistics re-estimated on the (unlabeled) validation inputs after denoising
@@ -163,10 +165,10 @@ def run_model(spec, cfg) -> dict:
         "MMSE (side info)": denoise.MMSE(prior=denoise.clean_prior(variables), name="mmse_side"),
         "compensated MMSE (val-selected)": pick(sel),
         "compensated MMSE (test oracle)": pick(oracle),
-        _PB: [denoise.MMSEpb(lam=pb_grid.lam[i], beta=pb_grid.beta[i], signal_var=signal_var) for i in pb_sel],
-        "common-mode MMSE": denoise.CommonModeMMSE(),
-        **learned,
     }
+    if cfg.authors_form:
+        estimators[_PB] = [denoise.MMSEpb(lam=pb_grid.lam[i], beta=pb_grid.beta[i], signal_var=signal_var) for i in pb_sel]
+    estimators.update({"common-mode MMSE": denoise.CommonModeMMSE(), **learned})
     if recal is not None:
         estimators["ML" + _RECAL] = denoise.Recalibrated(denoise.ML(), x_cal, recal)
         estimators["compensated MMSE (val-selected)" + _RECAL] = [
@@ -210,7 +212,7 @@ def run_model(spec, cfg) -> dict:
             "test_oracle": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in oracle],
             "val_accuracy_selected": [float(val_acc[w, i].mean()) for w, i in enumerate(sel)],
         },
-        "mmse_pb": {
+        "mmse_pb": None if pb_val is None else {
             "signal_var": float(signal_var),
             "val_selected": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in pb_sel],
             "val_accuracy_selected": [float(pb_val[w, i].mean()) for w, i in enumerate(pb_sel)],
