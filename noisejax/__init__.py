@@ -27,11 +27,20 @@ Namespaces (imported on first use)::
     noisejax.quadrature Gaussian expectations of elementwise functions
     noisejax.snr        the signal-to-noise ratio (per output, layer summary)
     noisejax.convert    WEIGHTS.npz files; PyTorch / Flax dense weights into them
+    noisejax.selfcheck  does this backend compute noisejax's kernels right? (also callable)
+
+Importing noisejax first applies a backend guard (``noisejax._backend``): on an
+affected jaxlib (0.10.2) it adds ``--xla_cpu_experimental_ynn_fusion_type=`` to
+``XLA_FLAGS`` unless you set that flag yourself (or ``NOISEJAX_XLA_GUARD=0``).
 """
 
 from __future__ import annotations
 
 import importlib
+
+from noisejax import _backend
+
+_backend.apply_xla_guard()  # before any JAX backend starts: XLA reads XLA_FLAGS once
 
 __version__ = "0.1.0"
 
@@ -60,6 +69,7 @@ _SUBMODULES = (
     "rules",
     "gaussian",
     "quadrature",
+    "selfcheck",
 )
 
 # functions and types re-exported from noisejax.interpret

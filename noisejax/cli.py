@@ -12,6 +12,10 @@ Sub-commands:
 * ``noisejax convert`` — a PyTorch ``state_dict`` (``.npz`` / ``.safetensors``) or Flax
   params (msgpack) of dense layers into the ``WEIGHTS.npz`` format (:mod:`noisejax.convert`).
 * ``noisejax reproduce`` — every figure of both papers (see ``experiments/``).
+* ``noisejax leaves PARAMS.npz`` — which arrays weight noise would perturb (the CLI has
+  no weight-noise run; this lists the default leaf filter's choice on, e.g., a PyTorch
+  ``state_dict`` saved with ``np.savez``).
+* ``noisejax selfcheck`` — does this backend compute noisejax's kernels right? (exit 1 if not)
 
 SNR is the one definition of :mod:`noisejax.snr` (layer summary
 ``10·log10(Σ mean² / Σ var)``).  Any user error prints one line on stderr and exits
@@ -701,6 +705,52 @@ def _read_dense(src: str, kind: str, layers_):
 
 
 # ----------------------------------------------------------------------------------
+# leaves (what weight noise perturbs) and selfcheck
+# ----------------------------------------------------------------------------------
+
+
+def _print_leaf_selection(rows, out=None) -> None:
+    """Print :func:`noisejax.noise.selected_leaves` rows as a table and a one-line summary."""
+    out = out or sys.stdout
+    width = max([len(r.name) for r in rows] + [4])
+    print(f"{'leaf':<{width}}  {'shape':<18} {'dtype':<8} {'noise':<5} skipped because", file=out)
+    for r in rows:
+        print(f"{r.name:<{width}}  {str(r.shape):<18} {r.dtype:<8} {'yes' if r.selected else 'no':<5} {r.reason}", file=out)
+    chosen = [r for r in rows if r.selected]
+    values = sum(int(np.prod(r.shape)) for r in chosen)
+    total = sum(int(np.prod(r.shape)) for r in rows)
+    print(f"weight noise perturbs {len(chosen)} of {len(rows)} leaves ({values} of {total} values)", file=out)
+
+
+def _leaves(args) -> int:
+    from noisejax import noise
+
+    if not os.path.isfile(args.params):
+        raise _CliError(f"PARAMS file not found: {args.params}")
+    try:
+        with np.load(args.params, allow_pickle=False) as z:
+            tree = {k: np.asarray(z[k]) for k in z.files}
+    except Exception as e:
+        raise _CliError(f"PARAMS {args.params}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    filt = noise.state_dict_leaf_filter(tree) if args.filter == "state-dict" else noise.default_leaf_filter
+    _print_leaf_selection(noise.selected_leaves(tree, filt))
+    return 0
+
+
+def _selfcheck(args) -> int:
+    from noisejax import selfcheck
+
+    only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    report = selfcheck.run(only)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(selfcheck.format_table(report))
+    return 0 if report.ok else 1
+
+
+# ----------------------------------------------------------------------------------
 # reproduce
 # ----------------------------------------------------------------------------------
 
@@ -791,6 +841,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute finished experiments")
     r.add_argument("--data-dir", default=None, help="folder with real MNIST / CIFAR-10 files")
     r.set_defaults(func=_reproduce)
+
+    lv = sub.add_parser("leaves", help="list which arrays of a .npz weight noise would perturb")
+    lv.add_argument("params", metavar="PARAMS.npz", help="named arrays, e.g. a PyTorch state_dict saved with np.savez")
+    lv.add_argument("--filter", choices=("default", "state-dict"), default="default",
+                    help="default: names only; state-dict: also modules with running statistics or a 1-D weight")
+    lv.set_defaults(func=_leaves)
+
+    sc = sub.add_parser("selfcheck", help="check that this backend computes noisejax's kernels right (exit 1 if not)")
+    sc.add_argument("--only", default=None, metavar="NAMES", help="comma-separated check names (default: all)")
+    sc.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sc.set_defaults(func=_selfcheck)
     return parser
 
 

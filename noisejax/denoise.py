@@ -20,6 +20,13 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   ``θ = η/(η+1−λ')``, ``ρ = σ_g²·β/(η+1−λ')``, ``ŵ = θ·w̃ + ρ``; ``(λ'=1, β=0)`` is ML
   exactly.  ``λ'`` and ``β`` are pytree leaves, so a grid is a ``vmap``
   (:func:`compensated_grid`).
+* :func:`mmse_pb` — the authors' compensated MMSE exactly as published (their NoisyNN
+  code): one *global* signal variance ``σ_W²`` (the clean weights' variance over all
+  selected leaves, :func:`global_signal_var` — side information, one number), ``η = σ_W²/σ²``,
+  ``c = η/(η+1−λ')``, ``d = σ_W²·β/(η+1−λ')``, ``ŵ = c·w̃ + d`` for every (λ', β): no
+  fallback, so ``c`` and ``d`` change sign where ``η+1−λ' < 0`` (low WNR, λ' > 1).
+  :func:`compensated` with ``prior=Prior(var=σ_W² on every leaf)`` equals it wherever
+  ``η+1−λ' > 0``; see :func:`mmse_pb` for the differences.
 * :class:`LearnedDenoiser` — a WNR-conditioned affine map per group, trained with
   optax on the expected loss of the denoised network (:func:`train_learned`)::
 
@@ -100,6 +107,10 @@ __all__ = [
     "MMSE",
     "CompensatedMMSE",
     "compensated_grid",
+    "global_signal_var",
+    "mmse_pb",
+    "MMSEpb",
+    "mmse_pb_grid",
     "common_mode",
     "CommonModeMMSE",
     "Recalibrated",
@@ -298,6 +309,90 @@ def compensated(
     return _map_groups(fn, noisy, noise_power, leaf_filter, var_tree)
 
 
+def global_signal_var(clean: PyTree, *, leaf_filter: LeafFilter = _noise.default_leaf_filter) -> Array:
+    """The authors' signal variance: the variance of all selected clean leaves concatenated.
+
+    ``σ_W² = mean((w − w̄)²)`` over every entry of every leaf ``leaf_filter`` selects
+    (population variance; with ``N`` entries it differs from the unbiased one by
+    ``1/N``, below 10⁻⁴ relative for any network with 10⁴ weights).  This is one
+    number of side information (a statistic of the clean weights), the ``var_W`` of
+    the authors' code; use it as ``signal_var`` of :func:`mmse_pb`.  Their noise
+    power is ``noise.noise_power(clean, wnr_db, reference="power", scope="global")``.
+
+    Example::
+
+        >>> sv = denoise.global_signal_var(params)
+        >>> pw = noise.noise_power(params, -15.0, reference="power", scope="global")
+        >>> hat = denoise.mmse_pb(noisy, pw, lam=1.2, beta=-0.5, signal_var=sv)
+    """
+    leaves, mask, _ = _noise._selected(clean, leaf_filter)
+    chosen = [jnp.asarray(leaf) for leaf, m in zip(leaves, mask) if m]
+    if not chosen:
+        raise InvalidArgumentError("leaf_filter selected no leaf of clean; no signal variance to compute")
+    return _noise._reference_power(chosen, "variance")
+
+
+def mmse_pb(
+    noisy: PyTree,
+    noise_power: Any,
+    *,
+    lam: Array,
+    beta: Array,
+    signal_var: Array,
+    leaf_filter: LeafFilter = _noise.default_leaf_filter,
+) -> PyTree:
+    """The authors' compensated MMSE ("MMSE_pb") exactly as published, on every selected leaf::
+
+        η = σ_W²/σ²,   c = η/(η + 1 − λ'),   d = σ_W²·β/(η + 1 − λ'),   ŵ = c·w̃ + d
+
+    Args:
+      noisy: parameter pytree ``w̃``.
+      noise_power: σ² — a scalar or the per-leaf tree of :func:`noisejax.noise.noise_power`
+        (``None`` leaves are skipped; the authors use one global σ²).
+      lam, beta: λ' and β (scalars, pytree leaves of :class:`MMSEpb` so a grid vmaps).
+      signal_var: σ_W², ONE scalar for the whole model (:func:`global_signal_var` of the
+        clean weights, in the authors' setting).
+      leaf_filter: which leaves to denoise.
+
+    Applied as is for every (λ', β): where ``η + 1 − λ' < 0`` (λ' > 1 at low WNR; with
+    zero-mean weights and the authors' power reference, below about −12 dB for
+    λ' ≈ 1.06) ``c`` and ``d`` flip sign, and ``η + 1 = λ'`` divides by zero (inf/NaN),
+    as in the published formula.  ``λ' = 1, β = 0`` gives ``c = 1, d = 0`` (ML).
+
+    Compared with :func:`compensated` (noisejax's default):
+
+    * signal variance — :func:`compensated` uses ``σ_w²`` *per leaf*, estimated from the
+      noisy weights (``max(var(w̃) − σ², 0)``, no side information) unless a
+      :class:`Prior` is given; ``mmse_pb`` one global clean-weight variance;
+    * ``η + 1 − λ' ≤ 0`` — :func:`compensated` falls back to the ``λ' → 1`` limit
+      ``θ = 1, ρ = β·σ²``; ``mmse_pb`` keeps the formula (sign flip).
+
+    ``compensated(noisy, pw, lam=l, beta=b, prior=Prior(var=σ_W² on every selected
+    leaf, mean=...))`` therefore equals ``mmse_pb`` wherever ``η + 1 − λ' > 0``
+    (``tests/test_denoise.py`` checks both statements).
+
+    Example::
+
+        >>> hat = denoise.mmse_pb(noisy, pw, lam=1.0, beta=-0.5, signal_var=denoise.global_signal_var(params))
+    """
+    _validate.check_real_number("lam", lam)
+    _validate.check_real_number("beta", beta)
+    _validate.check_variance("signal_var", signal_var)
+    if jnp.ndim(signal_var) != 0:
+        raise InvalidArgumentError(f"signal_var must be one scalar (the global clean-weight variance), got shape {jnp.shape(signal_var)}")
+
+    def fn(w, p, _k):
+        dt = w.dtype
+        sv, lam_, beta_ = (jnp.asarray(a, dt) for a in (signal_var, lam, beta))
+        eta = sv / p
+        denom = eta + (1.0 - lam_)  # (1 − λ') first: exact near λ' = 1, where (η + 1) − λ' would cancel
+        c = eta / denom
+        d = sv * beta_ / denom
+        return (c * w + d).astype(dt)
+
+    return _map_groups(fn, noisy, noise_power, leaf_filter)
+
+
 # ----------------------------------------------------------------------------------
 # estimator objects
 # ----------------------------------------------------------------------------------
@@ -356,6 +451,51 @@ class CompensatedMMSE:
         )
 
 
+@struct.dataclass
+class MMSEpb:
+    """The authors' compensated MMSE (:func:`mmse_pb`); ``lam``, ``beta`` and ``signal_var`` are leaves."""
+
+    lam: Array = 1.0
+    beta: Array = 0.0
+    signal_var: Array = 1.0
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="mmse_pb")
+
+    def __post_init__(self):
+        for field in ("lam", "beta", "signal_var"):
+            value = getattr(self, field)
+            check = _validate.check_variance if field == "signal_var" else _validate.check_real_number
+            check(f"MMSEpb.{field}", value)
+            if isinstance(value, (int, float, np.ndarray, np.number)):
+                object.__setattr__(self, field, jnp.asarray(value, jnp.result_type(float)))
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        return mmse_pb(noisy, noise_power, lam=self.lam, beta=self.beta, signal_var=self.signal_var,
+                       leaf_filter=self.leaf_filter)
+
+
+def _grid_pairs(lams: Sequence[float], betas: Sequence[float], what: str) -> tuple[Array, Array]:
+    """All ``(λ', β)`` pairs, λ' major: ``(lams[i // len(betas)], betas[i % len(betas)])``."""
+    lam_arr = np.asarray(lams, dtype=np.float64).ravel()
+    beta_arr = np.asarray(betas, dtype=np.float64).ravel()
+    if lam_arr.size == 0 or beta_arr.size == 0:
+        raise InvalidArgumentError(f"{what} needs at least one lam and one beta")
+    _validate.check_real_number("lams", lam_arr)
+    _validate.check_real_number("betas", beta_arr)
+    lam_g, beta_g = np.meshgrid(lam_arr, beta_arr, indexing="ij")
+    dtype = jnp.result_type(float)
+    return jnp.asarray(lam_g.ravel(), dtype), jnp.asarray(beta_g.ravel(), dtype)
+
+
+def mmse_pb_grid(
+    lams: Sequence[float], betas: Sequence[float], signal_var: Any, *, leaf_filter: LeafFilter = _noise.default_leaf_filter
+) -> MMSEpb:
+    """All ``(λ', β)`` pairs as one :class:`MMSEpb` with ``(G,)`` leaves (order as :func:`compensated_grid`)."""
+    lam, beta = _grid_pairs(lams, betas, "mmse_pb_grid")
+    sv = jnp.broadcast_to(jnp.asarray(signal_var, lam.dtype), lam.shape)
+    return MMSEpb(lam, beta, sv, leaf_filter)
+
+
 def compensated_grid(
     lams: Sequence[float],
     betas: Sequence[float],
@@ -368,17 +508,8 @@ def compensated_grid(
     Point ``i`` is ``(lams[i // len(betas)], betas[i % len(betas)])``.  ``jax.vmap`` over
     the estimator evaluates the whole grid in one call.
     """
-    lam_arr = np.asarray(lams, dtype=np.float64).ravel()
-    beta_arr = np.asarray(betas, dtype=np.float64).ravel()
-    if lam_arr.size == 0 or beta_arr.size == 0:
-        raise InvalidArgumentError("compensated_grid needs at least one lam and one beta")
-    _validate.check_real_number("lams", lam_arr)
-    _validate.check_real_number("betas", beta_arr)
-    lam_g, beta_g = np.meshgrid(lam_arr, beta_arr, indexing="ij")
-    dtype = jnp.result_type(float)
-    return CompensatedMMSE(
-        jnp.asarray(lam_g.ravel(), dtype), jnp.asarray(beta_g.ravel(), dtype), None, per_channel, leaf_filter
-    )
+    lam, beta = _grid_pairs(lams, betas, "compensated_grid")
+    return CompensatedMMSE(lam, beta, None, per_channel, leaf_filter)
 
 
 # ----------------------------------------------------------------------------------
@@ -753,6 +884,7 @@ ESTIMATORS = {
     "ml": ML,
     "mmse": MMSE,
     "compensated": CompensatedMMSE,
+    "mmse_pb": MMSEpb,
     "common_mode": CommonModeMMSE,
     "learned": LearnedDenoiser,
 }
@@ -760,7 +892,7 @@ ESTIMATORS = {
 
 def estimator(name: str, **kwargs: Any):
     """Build an estimator by name: ``ml``, ``mmse``, ``mmse_side`` (needs ``prior=``),
-    ``compensated`` (``lam=``, ``beta=``), ``common_mode`` (optional ``directions=``) or
+    ``compensated`` (``lam=``, ``beta=``), ``mmse_pb`` (``lam=``, ``beta=``, ``signal_var=``), ``common_mode`` (optional ``directions=``) or
     ``learned`` (needs ``coef=``, see :func:`init_learned`).
 
     Example::

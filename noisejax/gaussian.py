@@ -81,10 +81,19 @@ def fresh() -> int:
 _SQUARES: dict = {}
 
 
+def is_square_sid(sid: int) -> bool:
+    """Whether ``sid`` names second-order sources ``η = (ξ² − 1)/√2`` (non-Gaussian)."""
+    return sid in _SQUARE_OF
+
+
+_SQUARE_OF: dict = {}
+
+
 def square_sid(sid: int) -> int:
     """The id of the sources ``η_r = (ξ_r² − 1)/√2`` of the sources ``ξ_r`` of block ``sid`` (the same everywhere)."""
     if sid not in _SQUARES:
         _SQUARES[sid] = fresh()
+        _SQUARE_OF[_SQUARES[sid]] = sid
     return _SQUARES[sid]
 
 

@@ -147,14 +147,16 @@ def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
             return z
         if key is None:
             raise InvalidArgumentError("WeightNoiseDense with noise= needs key=")
-        var_w = jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
-        var = jnp.square(x) @ var_w
+        var = jnp.square(x) @ jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
         if "b" in params:
-            var_b = noise.variance if noise.bias_variance is None else noise.bias_variance
-            var = var + jnp.asarray(var_b, z.dtype)
+            var = var + jnp.asarray(_bias_variance(noise), z.dtype)
         return z + jnp.sqrt(var) * jax.random.normal(key, z.shape, z.dtype)
 
     return Layer(dense.init, apply, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
+
+
+def _bias_variance(noise: _LocalWeightNoise):
+    return noise.variance if noise.bias_variance is None else noise.bias_variance
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:

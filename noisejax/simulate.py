@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -314,6 +315,7 @@ def monte_carlo(
     progress: bool = False,
     description: str = "realizations",
     check_finite: bool = False,
+    precision_check: bool = True,
 ) -> MCResult:
     """Streaming Monte Carlo statistics of ``fn(fold_in(key, i))``, ``i < n_realizations``.
 
@@ -335,6 +337,9 @@ def monte_carlo(
       check_finite: debug mode; raise :class:`noisejax.errors.NonFiniteError` naming
         the first output leaf (e.g. the first layer of ``return_layers`` outputs)
         whose statistics contain NaN or inf.
+      precision_check: warn (:class:`noisejax.errors.PrecisionWarning`) for output leaves
+        whose mean or variance float32 accumulation may shift by more than one standard
+        error (large ``|mean|/std`` and many realizations; bounds in ``docs/precision.md``).
 
     Returns:
       :class:`MCResult` with ``count``, ``mean``, ``var`` (and ``stderr``, ``snr``...).
@@ -343,8 +348,8 @@ def monte_carlo(
     independent of ``n_realizations``.
     """
     n = _validate.check_int("n_realizations", n_realizations, minimum=2)
-    if n >= 2**32:
-        raise InvalidArgumentError(f"n_realizations must be < 2**32, got {n}")
+    if n >= 2**31:  # the realization count is accumulated in int32
+        raise InvalidArgumentError(f"n_realizations must be < 2**31, got {n}")
     tile = _validate.check_int("tile_size", tile_size, minimum=1)
     streams = _validate.check_int("streams", streams, minimum=1)
     devices = list(jax.devices() if devices is None else devices)
@@ -393,6 +398,12 @@ def monte_carlo(
     result = _finalize_sharded(state, mesh)
     if check_finite:
         _raise_if_nonfinite(result)
+    if precision_check:  # float32 accumulation limits (noisejax._precision, docs/precision.md)
+        from noisejax import _precision
+        from noisejax.errors import PrecisionWarning
+
+        for message in _precision.check_result(result, n, tile, streams):
+            warnings.warn(message, PrecisionWarning, stacklevel=2)
     return result
 
 

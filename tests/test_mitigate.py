@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import layers, mitigate, noise, rng, simulate
+from noisejax import layers, mitigate, moments, noise, rng, simulate
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 N_MC = 40_960  # var estimate rel. std sqrt(2/(n-1)) ≈ 0.7 %
@@ -144,7 +144,6 @@ def test_pool_divides_uncorrelated_by_P_keeps_correlated(setup, group):
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_pool_moments_agree(setup, kind):
-    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
     s = setup
     W0, b0, W1, _ = s["W"]
     exact = _exact_next_var(kind, W0, b0, W1, np.asarray(s["x"]), D[kind])
@@ -202,7 +201,6 @@ def test_ghost_removes_correlated_additive_noise_mc(setup):
 
 
 def test_ghost_removes_correlated_additive_noise_moments(setup):
-    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
     s = setup
     v_plain = np.asarray(moments.predict(s["gnet0"], s["gp0"], s["x"], noise=s["ac"])[-1].var)
     v_ghost = np.asarray(moments.predict(s["gnet"], s["gparams"], s["x"], noise=s["ac"])[-1].var)

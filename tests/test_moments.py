@@ -291,7 +291,9 @@ def mc(setup):
         dig = jax.vmap(lambda nz: with_d2(layers.apply_batch(dnet, dparams, x_dig, key=key, noise=nz, return_layers=True)[1], clean_dig))
         return {"random": jax.vmap(rand)(sw_params, clean_rand), "digits": dig(dsites)}
 
-    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC)
+    # precision_check off: some digits-MLP outputs have |mean|/std ≈ 1.5·10⁴, where float32 may shift a
+    # mean by up to 1.8 standard errors (docs/precision.md); the tests compare means at 5
+    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC, precision_check=False)
     out = {}
     for branch, names, case_axis in (("random", NAMES, 1), ("digits", REGULAR, 0)):
         ys_mean, _ = res.mean[branch]
@@ -656,7 +658,7 @@ def test_linear_network_means_exact(mc, analytic):
 
 def _check_gaussian(e, where, per_neuron=True):
     """The issue's bound per layer where the layer SNR is >= 10 dB, and (smooth activations) per neuron
-    within 5 % of max(var_i, layer mean) + 5 standard errors.
+    within 5 % of max(var_i, layer mean) + 5 standard errors; below 10 dB 10 % and 25 % (always asserted).
 
     ReLU is checked per layer only: Stein's first-order cross-covariance misses the
     correlation of the rectified parts, so single neurons near the kink deviate by up
@@ -665,6 +667,12 @@ def _check_gaussian(e, where, per_neuron=True):
     """
     assert np.all(e["silent"] <= 1e-3), (where, e["silent"])  # MC-silent (dead ReLU) neurons are ~silent analytically
     if e["snr"] < 10:
+        # outside the regime the 5 % claim is made for, a looser bound still catches gross errors: the
+        # largest errors measured there are 6.3 % per layer (erf, AC@1, 9.7 dB) and 18 % per neuron
+        # (tanh, AC@1, 9.6 dB)
+        assert e["lay"] <= 0.10, (where, "below the 10 dB gate", e["lay"], e["snr"])
+        if per_neuron:
+            assert np.all(e["nrm"] <= 0.25 + e["nres"]), (where, "below the 10 dB gate", e["nrm"].max())
         return False
     assert e["lay"] <= 0.05, (where, e["lay"], e["snr"])
     if per_neuron:

@@ -40,6 +40,9 @@ class Config:
         map only), ``"common"`` (plus the blind common-mode MMSE with a learned exponent;
         no side information) and/or ``"projection"`` (plus the common-mode projection,
         whose per-channel targets are side information).
+      authors_form: also select (validation split, same grid and noise realizations) and report
+        the authors' published closed form of the compensated MMSE (``denoise.mmse_pb``:
+        global clean-weight variance, no fallback); costs one more compiled grid call per model.
       recalibrate: for BatchNorm models, also evaluate ML, the selected compensated MMSE
         and the ``"common"`` learned denoiser followed by a re-estimation of the batch
         statistics on the (unlabeled) validation inputs; that learned denoiser is then
@@ -59,6 +62,7 @@ class Config:
     scope: str = "global"
     learned_per_channel: bool = False
     learned_variants: tuple[str, ...] = ("affine", "common", "projection")
+    authors_form: bool = True
     recalibrate: bool = True
     learned_steps: int = 300
     learned_draws: int = 8

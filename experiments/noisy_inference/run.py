@@ -1,4 +1,4 @@
-"""Noisy inference: accuracy vs WNR for ML, MMSE, compensated MMSE and a learned denoiser.
+"""Noisy inference: accuracy vs WNR for ML, MMSE, compensated MMSE (ours and the authors' form) and a learned denoiser.
 
 For each model of the config: train (or load from the cache) the model; choose the
 compensated MMSE's (λ', β) per WNR on the validation split (one compiled grid call
@@ -49,6 +49,7 @@ _VARIANTS = {
     "projection": "learned (affine + projection)",
 }
 _RECAL = " + BN re-estimation"
+_PB = "compensated MMSE, authors' form (val-selected)"
 
 __all__ = ["main", "run_model"]
 
@@ -127,6 +128,17 @@ def run_model(spec, cfg) -> dict:
     sel, oracle = sweeps.select_grid(val_acc), sweeps.select_grid(test_grid)
     lam, beta = np.asarray(grid.lam), np.asarray(grid.beta)
     pick = lambda idx: [denoise.CompensatedMMSE(lam=grid.lam[i], beta=grid.beta[i]) for i in idx]  # noqa: E731
+    # the authors' closed form (global clean-weight variance, no fallback) on the same grid, selected on
+    # the validation split only (same noise realizations as above: same key)
+    signal_var = denoise.global_signal_var(variables)
+    pb_grid = denoise.mmse_pb_grid(cfg.grid_lams, cfg.grid_betas, signal_var)
+    pb_sel, pb_val = [], None
+    if cfg.authors_form:
+        pb_val = sweeps.grid_accuracies(
+            f, variables, {"val": (ds.x_val, ds.y_val)}, wnr, pb_grid, key=k_val,
+            n_realizations=cfg.grid_realizations, store=points / "grid_pb", store_key=spec.model.to_dict(), **common,
+        )["val"]
+        pb_sel = sweeps.select_grid(pb_val)
     t_grid = time.perf_counter() - t0
 
     # BatchNorm models: batch statistics re-estimated on the (unlabeled) validation inputs after denoising
@@ -153,9 +165,10 @@ def run_model(spec, cfg) -> dict:
         "MMSE (side info)": denoise.MMSE(prior=denoise.clean_prior(variables), name="mmse_side"),
         "compensated MMSE (val-selected)": pick(sel),
         "compensated MMSE (test oracle)": pick(oracle),
-        "common-mode MMSE": denoise.CommonModeMMSE(),
-        **learned,
     }
+    if cfg.authors_form:
+        estimators[_PB] = [denoise.MMSEpb(lam=pb_grid.lam[i], beta=pb_grid.beta[i], signal_var=signal_var) for i in pb_sel]
+    estimators.update({"common-mode MMSE": denoise.CommonModeMMSE(), **learned})
     if recal is not None:
         estimators["ML" + _RECAL] = denoise.Recalibrated(denoise.ML(), x_cal, recal)
         estimators["compensated MMSE (val-selected)" + _RECAL] = [
@@ -190,6 +203,11 @@ def run_model(spec, cfg) -> dict:
             "val_selected": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in sel],
             "test_oracle": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in oracle],
             "val_accuracy_selected": [float(val_acc[w, i].mean()) for w, i in enumerate(sel)],
+        },
+        "mmse_pb": None if pb_val is None else {
+            "signal_var": float(signal_var),
+            "val_selected": [{"lam": float(lam[i]), "beta": float(beta[i])} for i in pb_sel],
+            "val_accuracy_selected": [float(pb_val[w, i].mean()) for w, i in enumerate(pb_sel)],
         },
         "learned": learn_info,
         "seconds": {"grid": t_grid, "sweep": t_sweep, "total": time.perf_counter() - t_start},
@@ -287,6 +305,9 @@ def _claim_note(gains: dict, est: str) -> str:
     if "projection" in est:
         return ("uses side information: one clean number per output channel (the weights' "
                 "component along a learned per-layer direction), besides the per-layer coefficients")
+    if est == _PB:
+        return ("the authors' published closed form (denoise.mmse_pb): one global clean-weight variance "
+                "(side information) and no fallback where η+1−λ' < 0; (λ', β) chosen on the validation split")
     if "oracle" in est:
         return "(λ', β) chosen by test accuracy, as in the authors' published curves"
     return ""
