@@ -39,10 +39,13 @@ import jax
 import numpy as np
 from flax import serialization
 
+from noisejax import _struct
 from noisejax.errors import DataFormatError, InvalidArgumentError
 from noisejax.store import atomic_write_bytes  # noqa: F401  (also re-exported here)
 
 __all__ = ["MAGIC", "default_cache_dir", "config_hash", "save", "load", "cached"]
+
+_struct.register_serialization()  # noisejax's dataclass pytrees, by field name as with flax.struct
 
 PyTree = Any
 PathLike = Union[str, "os.PathLike[str]"]

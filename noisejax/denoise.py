@@ -83,7 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax import noise as _noise

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax.errors import InvalidArgumentError

@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,6 +63,10 @@ _AXIS = "streams"
 # configuration: calling monte_carlo again with the same ``fn`` skips compilation.
 _CHUNK_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 _CHUNK_CACHE_SIZE = 32
+# Tile statistics: rows of the tile handled per scan step (small outputs are unrolled
+# so that one step touches about _ROW_BLOCK elements).
+_ROW_BLOCK = 4096
+_MAX_UNROLL = 64
 
 
 # ----------------------------------------------------------------------------------
@@ -113,19 +117,42 @@ class MCResult:
 
 
 def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:
-    """Statistics of the valid rows of a tile (leading axis), two-pass, fixed shape."""
+    """Statistics of the valid rows of a tile (leading axis): one fused pass, fixed order.
+
+    Each leaf is reduced by a sequential scan over the tile's rows (a column
+    reduction over the leading axis, which XLA's CPU reduce emitter handles poorly,
+    becomes one vectorized add per row) of the *shifted* values ``d = x - x₀``
+    (``x₀``: the tile's first row, always a valid one): ``s = Σ d``, ``q = Σ d²``;
+    then ``mean = x₀ + s/n`` and ``m2 = q - s·(s/n)``.  The shift keeps the sums at
+    the scale of the spread, so the one-pass formula does not cancel catastrophically
+    (a large mean costs nothing).  Rows are added in increasing order: the result
+    depends only on the tile's values.
+    """
     count = jnp.sum(valid.astype(jnp.int32), dtype=jnp.int32)
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    rows = valid.shape[0]
+    shifts = [v[0] for v in leaves]
+    size = sum(int(math.prod(v.shape[1:])) for v in leaves)
+    unroll = max(1, min(rows, _ROW_BLOCK // max(size, 1), _MAX_UNROLL))
 
-    def one(v):
-        m = valid.reshape(valid.shape + (1,) * (v.ndim - 1))
-        # explicit reciprocal: XLA may turn x / n into x * (1/n) in some programs only
-        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(v.dtype))
-        mean = lax.optimization_barrier(jnp.sum(jnp.where(m, v, 0), axis=0)) * inv
-        m2 = jnp.sum(jnp.where(m, jnp.square(v - mean), 0), axis=0)
-        return mean, m2
+    def body(carry, xs):
+        ok, row = xs
+        out = []
+        for (s, q), r, x0 in zip(carry, row, shifts):
+            d = jnp.where(ok, r - x0, 0)
+            out.append((s + d, q + d * d))
+        return out, None
 
-    mean, m2 = _map_pairs(one, x)
-    return Welford(count, mean, m2)
+    zeros = [(jnp.zeros_like(x0), jnp.zeros_like(x0)) for x0 in shifts]
+    sums, _ = lax.scan(body, zeros, (valid, leaves), unroll=unroll)
+    mean, m2 = [], []
+    for (s, q), x0 in zip(sums, shifts):
+        # explicit reciprocal and barriers: the same rounding in every program
+        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(x0.dtype))
+        ds = lax.optimization_barrier(s * inv)
+        mean.append(x0 + ds)
+        m2.append(jnp.maximum(q - lax.optimization_barrier(s * ds), 0))
+    return Welford(count, jax.tree_util.tree_unflatten(treedef, mean), jax.tree_util.tree_unflatten(treedef, m2))
 
 
 def _map_pairs(f, *trees):
