@@ -144,7 +144,9 @@ class NeuronNoise:
 
 
 def _normal(key: Array, shape: tuple[int, ...], dtype) -> Array:
-    return jax.random.normal(key, shape, dtype)
+    from noisejax import rng
+
+    return rng.normal(key, shape, dtype)
 
 
 def apply_neuron_noise(y: Array, noise: Optional[NeuronNoise], *, key: Array, sampler=_normal) -> Array:

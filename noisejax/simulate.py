@@ -59,8 +59,10 @@ __all__ = ["MCResult", "Welford", "monte_carlo", "realization_keys", "merge", "f
 
 PyTree = Any
 _AXIS = "streams"
-# Compiled chunk programs, keyed by the realization function and the static
-# configuration: calling monte_carlo again with the same ``fn`` skips compilation.
+# Compiled chunk programs, keyed by the *program* of the realization function (its
+# jaxpr, with the arrays it closes over lifted to arguments) and the static
+# configuration: calling monte_carlo again with a new closure of the same structure
+# (other weights, inputs or noise intensities of the same shapes) skips compilation.
 _CHUNK_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 _CHUNK_CACHE_SIZE = 32
 # Tile statistics: rows of the tile handled per scan step (small outputs are unrolled
@@ -242,7 +244,10 @@ def _shard_map(f, mesh, in_specs, out_specs):
 
 
 def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh):
-    """Compile-once function ``(state, key_data, start, stop) -> state`` for one chunk.
+    """Compile-once function ``(state, consts, key_data, start, stop) -> state`` for one chunk.
+
+    ``fn(consts, key)`` is one realization; ``consts`` (the arrays the user's function
+    closes over) are arguments, replicated over the devices.
 
     ``start`` is a multiple of ``tile`` (chunks are whole tiles); each stream
     processes at most ``rounds`` of the chunk's tiles, in increasing order.
@@ -250,23 +255,23 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
     n_dev = mesh.devices.size
     local_streams = streams // n_dev
 
-    def tile_values(key_data, j):
+    def tile_values(consts, key_data, j):
         base = j * tile
         idx = (base + jnp.arange(tile, dtype=jnp.uint32)).astype(jnp.uint32)
         key = rebuild_key(key_data)
-        return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(idx)
+        return jax.vmap(lambda i: fn(consts, jax.random.fold_in(key, i)))(idx)
 
-    def update_with_tile(acc, key_data, j, start, stop):
+    def update_with_tile(acc, consts, key_data, j, start, stop):
         # Barriers isolate the tile's computation from the program around it, so XLA
         # fuses (and rounds) it the same way whatever the chunk size or device count.
-        key_data, j = lax.optimization_barrier((key_data, j))
-        vals = lax.optimization_barrier(tile_values(key_data, j))
+        consts, key_data, j = lax.optimization_barrier((consts, key_data, j))
+        vals = lax.optimization_barrier(tile_values(consts, key_data, j))
         idx = j * tile + jnp.arange(tile, dtype=jnp.uint32)
         valid = (idx >= start) & (idx < stop)
         stats = lax.optimization_barrier(_tile_stats(vals, valid))
         return merge(acc, stats)
 
-    def local(state, dev_ids, key_data, start, stop):
+    def local(state, dev_ids, consts, key_data, start, stop):
         # The device index arrives as data (not lax.axis_index) so that a 1-device run
         # cannot constant-fold it and compile the tile differently from a sharded run.
         dev = dev_ids[0]
@@ -282,7 +287,7 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
                 j = first_tile + offset + q * jnp.uint32(streams)
                 lo, hi = j * tile, (j + 1) * tile
                 needed = (hi > start) & (lo < stop)
-                a = lax.cond(needed, lambda a_: update_with_tile(a_, key_data, j, start, stop), lambda a_: a_, a)
+                a = lax.cond(needed, lambda a_: update_with_tile(a_, consts, key_data, j, start, stop), lambda a_: a_, a)
                 return a, None
 
             acc, _ = lax.scan(per_round, acc, jnp.arange(rounds, dtype=jnp.uint32))
@@ -292,10 +297,30 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
         return new
 
     spec_state = P(_AXIS)
-    sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P()), out_specs=spec_state)
+    sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P(), P()), out_specs=spec_state)
     compiled = jax.jit(sharded, donate_argnums=0)
     dev_ids = jax.device_put(jnp.arange(n_dev, dtype=jnp.uint32), NamedSharding(mesh, spec_state))
-    return lambda state, key_data, start, stop: compiled(state, dev_ids, key_data, start, stop)
+    return lambda state, consts, key_data, start, stop: compiled(state, dev_ids, consts, key_data, start, stop)
+
+
+def _trace(fn, key):
+    """Trace one realization: ``(flat_fn, consts, out_struct, program)``.
+
+    ``flat_fn(consts, key)`` evaluates ``fn``'s jaxpr with the arrays it closes over
+    (``consts``: weights, inputs, noise intensities) as arguments; ``program`` is a
+    hashable description of everything else (the jaxpr's text, the constants' shapes
+    and dtypes, the output structure), the key of the compilation cache.
+    """
+    closed, out_struct = jax.make_jaxpr(fn, return_shape=True)(key)
+    out_tree = jax.tree_util.tree_structure(out_struct)
+    jaxpr = closed.jaxpr
+    consts = list(closed.consts)
+
+    def flat_fn(consts, key):
+        return jax.tree_util.tree_unflatten(out_tree, jax.core.eval_jaxpr(jaxpr, consts, key))
+
+    avals = tuple((tuple(np.shape(c)), str(getattr(c, "dtype", type(c))), bool(getattr(c, "weak_type", False))) for c in consts)
+    return flat_fn, consts, out_struct, (str(jaxpr), avals, out_tree)
 
 
 def _empty_state(out_struct, streams, sharding) -> Welford:
@@ -380,19 +405,21 @@ def monte_carlo(
     if not callable(fn):
         raise InvalidArgumentError("fn must be callable: fn(key) -> pytree of arrays")
     key_data, rebuild = _key_codec(key)
-    out_struct = jax.eval_shape(fn, rebuild(key_data))
+    flat_fn, consts, out_struct, program = _trace(fn, rebuild(key_data))
 
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     state_sharding = NamedSharding(mesh, P(_AXIS))
     state = _empty_state(out_struct, streams, state_sharding)
-    cache_key = (fn, str(key.dtype), jax.tree_util.tree_structure(out_struct), tuple(jax.tree_util.tree_leaves(out_struct)),
-                 tile, streams, rounds, tuple(devices))
+    consts = jax.device_put(consts, NamedSharding(mesh, P()))
+    cache_key = (program, str(key.dtype), tile, streams, rounds, tuple(devices))
     chunk_fn = _CHUNK_CACHE.get(cache_key)
     if chunk_fn is None:
-        chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
+        chunk_fn = _build_chunk_fn(flat_fn, rebuild, out_struct, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
         _CHUNK_CACHE[cache_key] = chunk_fn
         while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
             _CHUNK_CACHE.popitem(last=False)
+    else:
+        _CHUNK_CACHE.move_to_end(cache_key)
 
     bar = None
     if progress:
@@ -402,7 +429,7 @@ def monte_carlo(
     try:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            state = chunk_fn(state, key_data, jnp.uint32(start), jnp.uint32(stop))
+            state = chunk_fn(state, consts, key_data, jnp.uint32(start), jnp.uint32(stop))
             if bar is not None:
                 jax.block_until_ready(state.count)
                 bar.update(stop - start)
