@@ -157,7 +157,46 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------
 
 
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading compiled programs).
+
+    Listens to JAX's monitoring spans of those three stages and adds up their union
+    (nested traces are not counted twice).
+    """
+
+    _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        from jax import monitoring
+
+        self.spans = []
+        self._listener = lambda event, start, end, **kw: self.spans.append((start, end)) if event in self._EVENTS else None
+        monitoring.register_event_time_span_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring as _monitoring
+
+        try:
+            _monitoring.unregister_event_time_span_listener(self._listener)
+        except (AttributeError, ValueError):  # pragma: no cover  (older/newer JAX)
+            pass
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, -math.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+
 def _propagate(args) -> int:
+    import time
+
+    t_start = time.perf_counter()
     import jax
     import jax.numpy as jnp
 
@@ -177,6 +216,7 @@ def _propagate(args) -> int:
     batched = x.ndim == 2
 
     report = {"realizations": args.realizations, "seed": args.seed, "layers": []}
+    compile_s = None
     per_layer = [{"index": l, "width": int(W.shape[1])} for l, W in enumerate(weights)]
 
     if args.method in ("mc", "both"):
@@ -184,7 +224,10 @@ def _propagate(args) -> int:
             fn = lambda k: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
         else:
             fn = lambda k: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+        with _CompileClock() as clock:
+            res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+            jax.block_until_ready(res)
+        compile_s = clock.seconds
         for l, (m, v) in enumerate(zip(res.mean, res.var)):
             per_layer[l]["mc"] = {"mean": np.asarray(m, np.float64), "var": np.asarray(v, np.float64)}
     if args.method in ("analytic", "both"):
@@ -205,6 +248,9 @@ def _propagate(args) -> int:
                 {"index": e["index"], **{m: {k: e[m][k].tolist() for k in ("mean", "var")} for m in ("mc", "analytic") if m in e}}
                 for e in per_layer
             ],
+            # wall time of this command after start-up, and the part of the Monte Carlo run spent
+            # tracing and compiling (or loading compiled programs from the compilation cache)
+            "seconds": {"total": time.perf_counter() - t_start, "compile": compile_s},
         }
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
@@ -363,6 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
+        if args.command in ("propagate", "demo", "reproduce"):
+            from noisejax import checkpoint
+
+            checkpoint.enable_compilation_cache()  # compiled programs are reused by the next run
         return int(args.func(args) or 0)
     except (_CliError, NoisejaxError) as e:
         print(f"noisejax: error: {e}", file=sys.stderr)

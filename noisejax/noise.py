@@ -76,7 +76,7 @@ def _as_leaf(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float, np.ndarray, np.number)):
-        return jnp.asarray(value, dtype=jnp.result_type(float))
+        return jax.device_put(np.asarray(value, dtype=jnp.result_type(float)))  # no conversion program to compile
     return value  # jax arrays, tracers, and placeholders jax puts in pytrees (ArgInfo, sentinels)
 
 

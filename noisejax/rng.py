@@ -64,6 +64,7 @@ def _hash(k0, k1, c):
     return _fmix32(_fmix32(c * _u32(_PHI) ^ k0) + k1)
 
 
+@jax.jit  # one program, not one per operation: keys are made eagerly
 def _seed(seed):
     s = jnp.asarray(seed)
     lo = _u32(s.astype(jnp.uint32) if s.dtype != jnp.uint32 else s)

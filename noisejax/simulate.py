@@ -299,7 +299,7 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
     spec_state = P(_AXIS)
     sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P(), P()), out_specs=spec_state)
     compiled = jax.jit(sharded, donate_argnums=0)
-    dev_ids = jax.device_put(jnp.arange(n_dev, dtype=jnp.uint32), NamedSharding(mesh, spec_state))
+    dev_ids = jax.device_put(np.arange(n_dev, dtype=np.uint32), NamedSharding(mesh, spec_state))
     return lambda state, consts, key_data, start, stop: compiled(state, dev_ids, consts, key_data, start, stop)
 
 
@@ -421,6 +421,9 @@ def monte_carlo(
     else:
         _CHUNK_CACHE.move_to_end(cache_key)
 
+    # compiled before the chunks are dispatched, so that compiling it does not overlap the computation
+    finalize_fn = _finalizer(*_structure(state))
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -429,14 +432,14 @@ def monte_carlo(
     try:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            state = chunk_fn(state, consts, key_data, jnp.uint32(start), jnp.uint32(stop))
+            state = chunk_fn(state, consts, key_data, np.uint32(start), np.uint32(stop))  # NumPy: nothing to compile
             if bar is not None:
                 jax.block_until_ready(state.count)
                 bar.update(stop - start)
     finally:
         if bar is not None:
             bar.close()
-    result = _finalize_sharded(state, mesh)
+    result = _finalize_sharded(state, mesh, finalize_fn)
     if check_finite:
         _raise_if_nonfinite(result)
     return result
@@ -457,15 +460,30 @@ def _raise_if_nonfinite(result: MCResult) -> None:
             )
 
 
-def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
+def _finalize_sharded(state: Welford, mesh: Mesh, finalize_fn) -> MCResult:
     """Gather the accumulators (small: streams × output) and merge them on one device.
 
     The merge runs on a single device with a fixed program, so its rounding is the
     same whatever the number of devices that produced the accumulators.
     """
-    gathered = _replicator(NamedSharding(mesh, P()))(state)
-    local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), gathered)
-    return _finalize_local(local)
+    if mesh.devices.size > 1:
+        state = _replicator(NamedSharding(mesh, P()))(state)
+    local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), state)
+    return finalize_fn(local)
+
+
+def _structure(state: Welford):
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _finalizer(treedef, specs):
+    """``_finalize_local`` compiled for accumulators of this structure on the first local device."""
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    abstract = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in specs])
+    return _finalize_local.lower(abstract).compile()
 
 
 @functools.lru_cache(maxsize=16)
