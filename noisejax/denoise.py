@@ -675,7 +675,7 @@ def learned_objective(
         return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
 
     denoiser = retarget(denoiser, clean)  # projection targets follow their directions
-    return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
+    return jnp.mean(jax.lax.map(one, jnp.arange(n_draws)))
 
 
 def train_learned(
@@ -719,8 +719,10 @@ def train_learned(
     data = tuple(jnp.asarray(d) for d in data)
     batch_size = min(batch_size, n)
 
+    # the clean weights and the data are arguments, not constants: XLA would fold computations
+    # on constants at compile time (minutes for a small CNN)
     @jax.jit
-    def step(den, opt_state, k):
+    def step(den, opt_state, k, clean, data):
         idx = jax.random.choice(jax.random.fold_in(k, 0), n, (batch_size,), replace=False)
         batch = tuple(d[idx] for d in data)
         obj = lambda d: learned_objective(  # noqa: E731
@@ -739,7 +741,7 @@ def train_learned(
 
         iterator = tqdm(iterator, desc="train denoiser", leave=False)
     for s in iterator:
-        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s))
+        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s), clean, data)
         losses.append(value)
     losses = [float(v) for v in jax.device_get(losses)]
     return retarget(denoiser, clean), {"loss": losses, "seconds": time.perf_counter() - t0}

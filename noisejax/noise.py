@@ -316,7 +316,7 @@ def add_weight_noise(
         if p is None:
             out.append(leaf)
         else:
-            n = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            n = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             out.append(leaf + jnp.sqrt(p).astype(leaf.dtype) * n)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -382,7 +382,7 @@ class MultiplicativeWeightNoise:
 
     def apply(self, params: PyTree, *, key: Array) -> PyTree:
         def perturb(k, leaf):
-            eps = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            eps = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             return leaf * (1 + jnp.sqrt(self.variance).astype(leaf.dtype) * eps)
 
         return _map_selected(params, self.leaf_filter, perturb)
