@@ -176,12 +176,9 @@ class _CompileClock:
         return self
 
     def __exit__(self, *exc):
-        from jax._src import monitoring as _monitoring
+        from jax import monitoring
 
-        try:
-            _monitoring.unregister_event_time_span_listener(self._listener)
-        except (AttributeError, ValueError):  # pragma: no cover  (older/newer JAX)
-            pass
+        monitoring.unregister_event_time_span_listener(self._listener)
 
     @property
     def seconds(self) -> float:

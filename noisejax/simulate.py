@@ -12,7 +12,8 @@ products, on the shapes the backend sees.  The engine therefore fixes both:
 * **Tiles.**  Realizations ``[jT, (j+1)T)`` (``T = tile_size``) are always computed
   together by one ``vmap`` of ``fn`` of width ``T`` — the same shapes whatever the
   chunk size or device count — and reduced to tile statistics (count, mean, sum
-  of squared deviations: a two-pass reduction over the fixed tile axis).
+  of squared deviations) in one pass over the tile's rows, in order, of sums of the
+  values shifted by the tile's first row (no cancellation for large means).
   Chunks are whole numbers of tiles, so every tile is reduced exactly once; only
   the last tile of a run is partial (masked), and it is the same in any chunking.
 * **Streams.**  Tile ``j`` is merged (Chan et al.'s parallel formula) into the
@@ -23,6 +24,10 @@ products, on the shapes the backend sees.  The engine therefore fixes both:
 * **Pinned rounding.**  Optimization barriers isolate the tile computation and
   keep XLA from contracting products and sums of the merge into FMAs in some
   compilation contexts and not others.
+
+* **Compiled once per structure.**  ``fn`` is traced once per call; the arrays it
+  closes over (weights, inputs, noise intensities) become arguments of the compiled
+  chunk program, which is cached on the traced program, not on ``fn``'s identity.
 
 Hence the same ``key`` gives bitwise the same statistics for any ``chunk_size``
 and any device count that divides ``streams`` — also across processes after
