@@ -132,10 +132,10 @@ def main(argv=None):
                 row["load"].append(_load())
                 t, doc = _run(nj + [str(r)], env_nj)
                 row["noisejax_cold"].append(t)
-                row["compile_cold"].append(doc["seconds"]["compile"])
+                row["compile_cold"].append(doc.get("seconds", {}).get("compile"))  # absent before issue 15
                 t, doc = _run(nj + [str(r)], env_nj)
                 row["noisejax_warm"].append(t)
-                row["compile_warm"].append(doc["seconds"]["compile"])
+                row["compile_warm"].append(doc.get("seconds", {}).get("compile"))
                 if not args.no_torch:
                     t, _ = _run(th + [str(r)], env)
                     row["torch"].append(t)
@@ -143,7 +143,7 @@ def main(argv=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {r: {k: (statistics.median(v) if v else None) for k, v in row.items()} for r, row in rows.items()}
+    med = {r: {k: (statistics.median(v) if v and None not in v else None) for k, v in row.items()} for r, row in rows.items()}
     print(f"\nnoisejax propagate vs a PyTorch loop, MLP 784-256-256-10 sigmoid, 100 inputs, AU 1e-3, "
           f"whole processes, median of {args.repeats} (load {min(rows[counts[0]]['load']):.1f}-"
           f"{max(v for row in rows.values() for v in row['load']):.1f})")
@@ -151,8 +151,8 @@ def main(argv=None):
     for r, m in med.items():
         sp = f"{m['torch'] / m['noisejax_warm']:.2f}x" if m["torch"] else ""
         tt = f"{m['torch']:.2f}" if m["torch"] else ""
-        print(f"{r:>7} {m['noisejax_cold']:>14.2f} {m['noisejax_warm']:>14.2f} {tt:>11} {sp:>16} "
-              f"{m['compile_cold']:>8.2f} / {m['compile_warm']:.2f}")
+        cc = "" if m["compile_cold"] is None else f"{m['compile_cold']:.2f} / {m['compile_warm']:.2f}"
+        print(f"{r:>7} {m['noisejax_cold']:>14.2f} {m['noisejax_warm']:>14.2f} {tt:>11} {sp:>16} {cc:>18}")
     payload = {
         "benchmark": "cli",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
