@@ -139,7 +139,7 @@ def main(argv=None):
                 if not args.no_torch:
                     t, _ = _run(th + [str(r)], env)
                     row["torch"].append(t)
-                print(f"repeat {rep} R={r}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in row.items() if v), flush=True)
+                print(f"repeat {rep} R={r}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in row.items() if v and v[-1] is not None), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
