@@ -8,7 +8,7 @@ noisy forward pass (≈14 ns per normal on a 2-core CPU) and its compile time.
 32-bit words: ``bits(k, c) = fmix32(fmix32(c·φ ⊕ k₀) + k₁)``, with key derivation
 (``fold_in``/``split``) through the same hash under distinct domain constants.
 
-:func:`normal` draws standard normals from these bits about 1.4× faster than
+:func:`normal` draws standard normals from these bits 2–3× faster than
 ``jax.random.normal`` (which inverts the error function): one 32-bit word per
 normal, split into a radius, an angle and a sign (the Box–Muller transform with one
 cosine per draw, see :func:`normal`).  The noise models use it; for keys of
