@@ -37,12 +37,23 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import numpy as np
-from flax import serialization
 
+from noisejax import _struct
 from noisejax.errors import DataFormatError, InvalidArgumentError
 from noisejax.store import atomic_write_bytes  # noqa: F401  (also re-exported here)
 
-__all__ = ["MAGIC", "default_cache_dir", "config_hash", "save", "load", "cached"]
+__all__ = [
+    "MAGIC", "default_cache_dir", "config_hash", "save", "load", "cached",
+    "COMPILATION_CACHE_ENV", "compilation_cache_dir", "enable_compilation_cache",
+]
+
+
+def _serialization():
+    """``flax.serialization`` (imported on first use: the command line's fast paths never need it)."""
+    from flax import serialization
+
+    _struct.register_serialization()  # noisejax's dataclass pytrees, by field name as with flax.struct
+    return serialization
 
 PyTree = Any
 PathLike = Union[str, "os.PathLike[str]"]
@@ -56,6 +67,56 @@ def default_cache_dir() -> Path:
     """``$NOISEJAX_CACHE`` if set, else ``~/.cache/noisejax``."""
     env = os.environ.get("NOISEJAX_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "noisejax"
+
+
+#: Environment variable: the folder of JAX's persistent compilation cache, or ``off``.
+COMPILATION_CACHE_ENV = "NOISEJAX_COMPILATION_CACHE"
+_COMPILATION_CACHE_MAX_BYTES = 1 << 30
+
+
+def compilation_cache_dir() -> Optional[Path]:
+    """Folder of the command line's compiled programs; ``None`` when switched off.
+
+    ``$NOISEJAX_COMPILATION_CACHE`` if set (``off``, ``0``, ``false`` or empty: no
+    cache), else ``default_cache_dir() / "jax-compilation"`` (``~/.cache/noisejax/...``,
+    or under ``$NOISEJAX_CACHE``).  Safe to delete at any time: it only holds
+    executables XLA compiled for this machine, keyed by the program, the JAX version
+    and the compiler options; a missing or stale entry is compiled again.
+    """
+    env = os.environ.get(COMPILATION_CACHE_ENV)
+    if env is not None:
+        if env.strip().lower() in ("", "0", "off", "false", "no", "none"):
+            return None
+        return Path(env).expanduser()
+    return default_cache_dir() / "jax-compilation"
+
+
+def enable_compilation_cache() -> Optional[Path]:
+    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir`.
+
+    The second run of the same command loads its compiled programs from disk instead
+    of compiling them (every program, however fast it compiled; at most 1 GiB,
+    least recently used entries go first).  Leaves a cache folder the user configured
+    for JAX (``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``) alone.
+    Returns the folder in use, or ``None``.  Called by the ``noisejax`` command line
+    (``propagate``, ``demo``, ``reproduce``), not on import.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        warnings.warn(f"compilation cache disabled: cannot create {path} ({exc})")
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", _COMPILATION_CACHE_MAX_BYTES)
+    return path
 
 
 def _canonical_json(obj: Any) -> str:
@@ -89,6 +150,7 @@ def _to_numpy(tree: PyTree) -> PyTree:
 def save(path: PathLike, tree: PyTree, *, metadata: Optional[dict] = None) -> Path:
     """Atomically write ``tree`` (and JSON ``metadata``) to ``path``; returns the path."""
     path = Path(path)
+    serialization = _serialization()
     payload = serialization.msgpack_serialize(serialization.to_state_dict(_to_numpy(tree)))
     header = _canonical_json(
         {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload), "metadata": metadata or {}}
@@ -127,6 +189,7 @@ def load(path: PathLike, target: Optional[PyTree] = None) -> tuple[PyTree, dict]
         raise DataFormatError(f"{path}: payload has {len(payload)} bytes, header says {size} (truncated?)")
     if hashlib.sha256(payload).hexdigest() != digest:
         raise DataFormatError(f"{path}: checksum mismatch (corrupted file)")
+    serialization = _serialization()
     try:
         state = serialization.msgpack_restore(payload)
     except Exception as exc:  # msgpack raises several unrelated types on bad input

@@ -363,7 +363,44 @@ def _settings_lines(st: dict) -> list[str]:
     ]
 
 
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading compiled programs).
+
+    Listens to JAX's monitoring spans of those three stages and adds up their union
+    (nested traces are not counted twice).
+    """
+
+    _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        from jax import monitoring
+
+        self.spans = []
+        self._listener = lambda event, start, end, **kw: self.spans.append((start, end)) if event in self._EVENTS else None
+        monitoring.register_event_time_span_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax import monitoring
+
+        monitoring.unregister_event_time_span_listener(self._listener)
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, -math.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+
 def _propagate(args) -> int:
+    import time
+
+    t_start = time.perf_counter()
+    import jax
     import jax.numpy as jnp
 
     from noisejax import layers, noise, rng, simulate
@@ -393,12 +430,16 @@ def _propagate(args) -> int:
     nz = noise.NeuronNoise(**settings)
 
     per_layer = [{"index": l, "width": int(W.shape[1])} for l, W in enumerate(weights)]
+    compile_s = None
     if args.method in ("mc", "both"):
         if batched:
             fn = lambda k: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
         else:
             fn = lambda k: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+        with _CompileClock() as clock:
+            res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+            jax.block_until_ready(res)
+        compile_s = clock.seconds
         for l, (m, v) in enumerate(zip(res.mean, res.var)):
             m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
             per_layer[l]["mc"] = {"mean": m, "var": v, "mean_stderr": np.sqrt(v / args.realizations),
@@ -423,6 +464,9 @@ def _propagate(args) -> int:
                  **{m: _layer_json(e[m]) for m in ("mc", "analytic") if m in e}}
                 for e in per_layer
             ],
+            # wall time of this command after start-up, and the part of the Monte Carlo run spent
+            # tracing and compiling (or loading compiled programs from the compilation cache)
+            "seconds": {"total": time.perf_counter() - t_start, "compile": compile_s},
         }
         json.dump(out, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
@@ -865,6 +909,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
+        if args.command in ("propagate", "demo", "reproduce"):
+            from noisejax import checkpoint
+
+            checkpoint.enable_compilation_cache()  # compiled programs are reused by the next run
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

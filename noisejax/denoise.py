@@ -90,7 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax import noise as _noise
@@ -790,7 +790,7 @@ def learned_objective(
     """Monte Carlo estimate of ``E_{WNR~U(range), n}[ loss_fn(denoiser(clean + n), batch) ]``.
 
     ``n_draws`` noise realizations (each with its own WNR drawn uniformly in
-    ``wnr_range``) are evaluated with ``vmap``; realization ``i`` uses
+    ``wnr_range``) are evaluated one after the other (``lax.map``); realization ``i`` uses
     ``fold_in(key, i)``.  The noise is reparameterized (``w + σ·ε``), so the
     gradient with respect to ``denoiser`` flows through the denoised network only.
     """
@@ -806,7 +806,9 @@ def learned_objective(
         return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
 
     denoiser = retarget(denoiser, clean)  # projection targets follow their directions
-    return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
+    # draws one after the other: vmapped draws batch the weights, so a CNN's convolutions become
+    # grouped convolutions, which XLA's CPU compiler took about twice as long to compile
+    return jnp.mean(jax.lax.map(one, jnp.arange(n_draws)))
 
 
 def train_learned(
@@ -850,8 +852,9 @@ def train_learned(
     data = tuple(jnp.asarray(d) for d in data)
     batch_size = min(batch_size, n)
 
+    # the clean weights and the data are arguments, not constants embedded in the program
     @jax.jit
-    def step(den, opt_state, k):
+    def step(den, opt_state, k, clean, data):
         idx = jax.random.choice(jax.random.fold_in(k, 0), n, (batch_size,), replace=False)
         batch = tuple(d[idx] for d in data)
         obj = lambda d: learned_objective(  # noqa: E731
@@ -870,7 +873,7 @@ def train_learned(
 
         iterator = tqdm(iterator, desc="train denoiser", leave=False)
     for s in iterator:
-        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s))
+        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s), clean, data)
         losses.append(value)
     losses = [float(v) for v in jax.device_get(losses)]
     return retarget(denoiser, clean), {"loss": losses, "seconds": time.perf_counter() - t0}

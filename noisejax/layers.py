@@ -450,9 +450,9 @@ def from_weights(
     for l, (W, b) in enumerate(zip(weights, biases)):
         act = activation_out if (l == n - 1 and activation_out is not None) else activation_name
         parts = [Dense(widths[l + 1], use_bias=b is not None), _as_activation(act)]
-        dense_p = {"W": jnp.asarray(W)}
+        dense_p = {"W": jax.device_put(W)}  # device_put: no per-shape conversion program to compile
         if b is not None:
-            dense_p["b"] = jnp.asarray(b)
+            dense_p["b"] = jax.device_put(b)
         block_params = [dense_p, ()]
         if noisy:
             parts.append(NeuronNoise())

@@ -54,7 +54,7 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 
 from noisejax import _validate

@@ -50,7 +50,7 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax import gaussian as G

@@ -44,7 +44,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax.errors import InvalidArgumentError
@@ -83,7 +83,7 @@ def _as_leaf(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float, np.ndarray, np.number)):
-        return jnp.asarray(value, dtype=jnp.result_type(float))
+        return jax.device_put(np.asarray(value, dtype=jnp.result_type(float)))  # no conversion program to compile
     return value  # jax arrays, tracers, and placeholders jax puts in pytrees (ArgInfo, sentinels)
 
 
@@ -151,7 +151,9 @@ class NeuronNoise:
 
 
 def _normal(key: Array, shape: tuple[int, ...], dtype) -> Array:
-    return jax.random.normal(key, shape, dtype)
+    from noisejax import rng
+
+    return rng.normal(key, shape, dtype)
 
 
 def apply_neuron_noise(y: Array, noise: Optional[NeuronNoise], *, key: Array, sampler=_normal) -> Array:
@@ -446,7 +448,7 @@ def add_weight_noise(
         if p is None:
             out.append(leaf)
         else:
-            n = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            n = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             out.append(leaf + jnp.sqrt(p).astype(leaf.dtype) * n)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -512,7 +514,7 @@ class MultiplicativeWeightNoise:
 
     def apply(self, params: PyTree, *, key: Array) -> PyTree:
         def perturb(k, leaf):
-            eps = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            eps = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             return leaf * (1 + jnp.sqrt(self.variance).astype(leaf.dtype) * eps)
 
         return _map_selected(params, self.leaf_filter, perturb)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 
 from noisejax import _validate, layers

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from noisejax import checkpoint, denoise, models, sweeps
+from noisejax import checkpoint, denoise, models, rng, sweeps
 from noisejax import flax as njflax
 
 
@@ -108,7 +108,9 @@ def _learned_denoiser(spec, cfg, variables, ds, logits_fn, key, variant, recalib
 def run_model(spec, cfg) -> dict:
     """Everything for one model; returns its JSON-ready result dict (and writes its PNG)."""
     t_start = time.perf_counter()
-    key = jax.random.fold_in(jax.random.key(cfg.seed), sum(map(ord, spec.name)))
+    # noisejax's counter-based generator: JAX's threefry made every program that draws weight
+    # noise take seconds to compile (one unrolled 20-round hash per parameter leaf)
+    key = jax.random.fold_in(rng.key(cfg.seed), sum(map(ord, spec.name)))
     k_val, k_test, k_learn = (jax.random.fold_in(key, i) for i in (1, 2, 3))
     variables, train_info, ds = models.load_or_train(spec.model, cache_dir=cfg.cache_dir, progress=cfg.progress)
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
