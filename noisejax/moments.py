@@ -353,6 +353,13 @@ def propagate(
     moments of a noisy input.  ``weight_noise_var`` here is a scalar for every
     parameter leaf; per-leaf variances go in ``params`` via :func:`with_weight_noise`.
     """
+    outs = _states(net, params, x, noise=noise, method=method, covariance=covariance,
+                   weight_noise_var=weight_noise_var, quad_nodes=quad_nodes)
+    return tuple(_to_layer_moments(o, covariance) for o in outs)
+
+
+def _states(net, params, x, *, noise, method, covariance, weight_noise_var, quad_nodes) -> list:
+    """The interpreter's state of every top-level child's output (see :func:`propagate`)."""
     from noisejax.layers import split_noise
 
     values, variances = _split_noisy_params(params, weight_noise_var)
@@ -380,8 +387,7 @@ def propagate(
             scale = G._safe_sqrt(jnp.broadcast_to(jnp.asarray(v, leaf.dtype), jnp.shape(leaf)))
             inputs[j] = G.Gaussian(leaf, (G.Diag(G.fresh(), scale),))
     inputs.append(_to_gaussian(state) if state is not None else xm)
-    outs = _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0)
-    return tuple(_to_layer_moments(o, covariance) for o in outs)
+    return _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0)
 
 
 def _first_linear(spec: Any, params: Any) -> tuple[bool, Optional[int], Optional[int]]:
@@ -419,10 +425,12 @@ def _compiled(net, *, method, covariance, quad_nodes, batched, keep_covariance):
     if key not in per_net:
 
         def one(params, x, noise, w_var):
-            outs = propagate(
-                net, params, x, noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes
-            )
-            return outs if keep_covariance else tuple(o.compact() for o in outs)
+            kw = dict(noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes)
+            if keep_covariance:
+                return propagate(net, params, x, **kw)
+            # mean and variance only: straight from the states (lazy blocks are never multiplied out)
+            return tuple(LayerMoments(G.as_gaussian(o).mean, G.variance(o), None, None, "lowrank")
+                         for o in _states(net, params, x, **kw))
 
         def run(params, x, noise, w_var):
             if batched:
