@@ -198,7 +198,9 @@ def test_fast_normal_independent_across_realizations_and_neurons():
 
 def test_fast_normal_is_jax_normal_for_other_generators_and_float64():
     for k in (jax.random.key(3), jax.random.PRNGKey(3)):
-        np.testing.assert_array_equal(np.asarray(rng.normal(k, (5,))), np.asarray(jax.random.normal(k, (5,))))
+        # the same dtype on both sides: under JAX_ENABLE_X64 jax.random.normal defaults to float64
+        np.testing.assert_array_equal(np.asarray(rng.normal(k, (5,))), np.asarray(jax.random.normal(k, (5,), jnp.float32)))
+        np.testing.assert_array_equal(np.asarray(rng.normal(k, (5,), jnp.float64)), np.asarray(jax.random.normal(k, (5,), jnp.float64)))
     z = rng.normal(rng.key(3), (4, 2), jnp.bfloat16)
     assert z.shape == (4, 2) and z.dtype == jnp.bfloat16
     # deterministic, key-sensitive, same under jit
