@@ -640,7 +640,7 @@ def _demo(args) -> int:
     import jax.numpy as jnp
     import optax
 
-    from noisejax import convert, data, layers, models, moments, noise, rng, simulate, train
+    from noisejax import convert, data, layers, moments, noise, rng, simulate, train
 
     ds = data.load_digits(seed=args.seed)
     net = layers.mlp(list(_DEMO_WIDTHS), "sigmoid")
@@ -649,7 +649,7 @@ def _demo(args) -> int:
     fit = train.train_plain(net, params, ds.x_train, ds.y_train, key=jax.random.key(args.seed + 2),
                             optimizer=optax.adam(3e-3), steps=steps, batch_size=64)
     params = fit.params
-    acc = float(models.accuracy(layers.apply_batch(net, params, jnp.asarray(ds.x_test)), jnp.asarray(ds.y_test)))
+    acc = float(train.accuracy(layers.apply_batch(net, params, jnp.asarray(ds.x_test)), jnp.asarray(ds.y_test)))
     arch = "-".join(map(str, _DEMO_WIDTHS))
     print(f"sigmoid MLP {arch} on scikit-learn digits, {steps} Adam steps: clean test accuracy {acc:.3f}")
 
@@ -801,7 +801,7 @@ def _selfcheck(args) -> int:
 
 def _reproduce(args) -> int:
     try:
-        from noisejax import reproduce
+        from noisejax.study import reproduce
     except ImportError:
         raise _CliError("noisejax reproduce is not available in this version; run `noisejax demo`") from None
     return reproduce.main(args)
@@ -910,9 +910,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
         if args.command in ("propagate", "demo", "reproduce"):
-            from noisejax import checkpoint
+            from noisejax.study import files
 
-            checkpoint.enable_compilation_cache()  # compiled programs are reused by the next run
+            files.enable_compilation_cache()  # compiled programs are reused by the next run
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
