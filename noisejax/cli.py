@@ -10,7 +10,7 @@ Sub-commands:
 * ``noisejax demo`` — train a small sigmoid MLP on scikit-learn's digits and print
   its per-layer noise table for the four noise types (``--save`` writes the network).
 * ``noisejax convert`` — a PyTorch ``state_dict`` (``.npz`` / ``.safetensors``) or Flax
-  params (msgpack) of dense layers into the ``WEIGHTS.npz`` format (:mod:`noisejax.convert`).
+  params (msgpack) of dense layers into the ``WEIGHTS.npz`` format (:mod:`noisejax.study.convert`).
 * ``noisejax reproduce`` — every figure of both papers (see ``experiments/``).
 * ``noisejax leaves PARAMS.npz`` — which arrays weight noise would perturb (the CLI has
   no weight-noise run; this lists the default leaf filter's choice on, e.g., a PyTorch
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import json
 import math
 import os
@@ -55,7 +56,7 @@ _TORCH_HINT = "weights look like PyTorch's (out, in) layout: transpose them (W.T
 
 
 def _load_weights(path: str):
-    from noisejax import convert
+    from noisejax.study import convert
     from noisejax.errors import DataFormatError
 
     if not os.path.isfile(path):
@@ -576,15 +577,7 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
         ],
     }
     out_dir = args.sweep
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "sweep.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-        _plot_sweep(os.path.join(out_dir, "sweep.png"), x_values, swept, result, st)
-    except OSError as e:
-        raise _CliError(f"--sweep {out_dir}: cannot write the results ({e.strerror or e})") from None
+    _write_sweep(out_dir, lines, doc, _sweep_figure(x_values, swept, result, st))
     if args.json:
         json.dump(doc, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
@@ -594,14 +587,28 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
     return 0
 
 
-def _plot_sweep(path: str, x_values, swept, result: dict, st: dict) -> None:
+def _write_sweep(out_dir: str, lines: list, doc: dict, fig) -> None:
+    """``sweep.txt``, ``sweep.json`` and ``sweep.png`` in ``out_dir``, atomically (:mod:`noisejax.study.files`)."""
+    from noisejax.errors import NoisejaxError
+    from noisejax.study import files
+    from noisejax.study.plots import png_bytes
+
+    try:
+        files.atomic_write_bytes(os.path.join(out_dir, "sweep.txt"), ("\n".join(lines) + "\n").encode())
+        files.atomic_write_json(os.path.join(out_dir, "sweep.json"), doc)
+        files.atomic_write_bytes(os.path.join(out_dir, "sweep.png"), png_bytes(fig))
+    except (OSError, NoisejaxError) as e:
+        raise _CliError(f"--sweep {out_dir}: cannot write the results ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _sweep_figure(x_values, swept, result: dict, st: dict):
+    """Layer SNR vs the swept noise variance: a Matplotlib figure (no pyplot state)."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     n_layers = len(st["widths"]) - 1
     for l in range(n_layers):
         c = colors[l % len(colors)]
@@ -623,8 +630,7 @@ def _plot_sweep(path: str, x_values, swept, result: dict, st: dict) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------
@@ -640,7 +646,9 @@ def _demo(args) -> int:
     import jax.numpy as jnp
     import optax
 
-    from noisejax import convert, data, layers, moments, noise, rng, simulate, train
+    from noisejax import data, layers, moments, noise, rng, simulate, train
+    from noisejax.errors import NoisejaxError
+    from noisejax.study import convert, files
 
     ds = data.load_digits(seed=args.seed)
     net = layers.mlp(list(_DEMO_WIDTHS), "sigmoid")
@@ -678,10 +686,11 @@ def _demo(args) -> int:
         try:
             convert.save_dense(args.save, weights, biases)
             if args.save_inputs:
-                with open(args.save_inputs, "wb") as f:
-                    np.save(f, np.asarray(x, np.float32))
-        except OSError as e:
-            raise _CliError(f"--save {args.save}: cannot write ({e.strerror or e})") from None
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(x, np.float32))
+                files.atomic_write_bytes(args.save_inputs, buf.getvalue())
+        except (OSError, NoisejaxError) as e:
+            raise _CliError(f"--save {args.save}: cannot write ({getattr(e, 'strerror', None) or e})") from None
         inputs = args.save_inputs or "X.npy"
         print(f"saved the trained network to {args.save}" + (f" and its {x.shape[0]} test inputs to {args.save_inputs}" if args.save_inputs else ""))
         print(f"next: noisejax propagate {args.save} --input {inputs} --activation sigmoid --add-uncorrelated {d:g} --method both")
@@ -694,7 +703,7 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from noisejax import convert
+    from noisejax.study import convert
 
     src = args.source
     if not os.path.isfile(src):
@@ -721,8 +730,8 @@ def _convert(args) -> int:
         raise _CliError(msg if msg.startswith(src) else f"SOURCE {src}: {msg}") from None
     try:
         convert.save_dense(args.out, weights, biases)
-    except OSError as e:
-        raise _CliError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    except (OSError, NoisejaxError) as e:
+        raise _CliError(f"--out {args.out}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     widths = [weights[0].shape[0]] + [W.shape[1] for W in weights]
     nb = sum(b is not None for b in biases)
     print(f"converted {len(weights)} dense layers ({'-'.join(map(str, widths))}, {nb} biases) from a {what} "
@@ -731,7 +740,7 @@ def _convert(args) -> int:
 
 
 def _read_dense(src: str, kind: str, layers_):
-    from noisejax import convert
+    from noisejax.study import convert
 
     if kind == "torch":
         if src.endswith(".safetensors"):

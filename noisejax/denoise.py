@@ -199,7 +199,7 @@ class Prior:
 def clean_prior(
     clean: PyTree, *, per_channel: bool = False, leaf_filter: LeafFilter = _noise.default_leaf_filter
 ) -> Prior:
-    """Side information for :func:`mmse` / :func:`compensated`: the clean weights' mean and variance per group."""
+    """Side information for :class:`MMSE` / :class:`CompensatedMMSE`: the clean weights' mean and variance per group."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(clean)
     means, variances = [], []
     for path, leaf in leaves_with_path:

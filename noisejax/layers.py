@@ -117,7 +117,10 @@ class _Spec:
 
 @dataclasses.dataclass(frozen=True)
 class DenseSpec(_Spec):
-    """:func:`Dense` (``weight_noise="local"``: :func:`WeightNoiseDense`)."""
+    """A fully connected layer, :func:`Dense`: ``out_dim`` outputs.
+
+    ``weight_noise="local"`` for :func:`WeightNoiseDense` (its weights are a noise site).
+    """
 
     out_dim: int
     weight_noise: Optional[str] = None
@@ -125,8 +128,31 @@ class DenseSpec(_Spec):
 
 
 @dataclasses.dataclass(frozen=True)
+class ActivationSpec(_Spec):
+    """An elementwise activation: its ``name`` (``"sigmoid"``, ``"linear"``...) and function ``fn``.
+
+    ``slope`` is the linear neuron's α (:func:`Linear`), ``None`` for the others.
+    Hashed and compared by ``fn``'s identity: two ``Linear(0.5)`` layers have equal
+    names and slopes but distinct specs.
+    """
+
+    name: str
+    fn: Callable[[Array], Array]
+    slope: Optional[float] = None
+    kind = "activation"
+
+
+@dataclasses.dataclass(frozen=True)
+class SerialSpec(_Spec):
+    """:func:`serial`: the ``children``'s specs, a tuple in network order (a tree of specs)."""
+
+    children: tuple
+    kind = "serial"
+
+
+@dataclasses.dataclass(frozen=True)
 class ConvSpec(_Spec):
-    """:func:`Conv`."""
+    """A 2-D convolution, :func:`Conv`, with ``out_chan`` output channels."""
 
     out_chan: int
     kind = "conv"
@@ -134,34 +160,16 @@ class ConvSpec(_Spec):
 
 @dataclasses.dataclass(frozen=True)
 class FlattenSpec(_Spec):
-    """:func:`Flatten`."""
+    """:func:`Flatten` (no parameter)."""
 
     kind = "flatten"
 
 
 @dataclasses.dataclass(frozen=True)
-class ActivationSpec(_Spec):
-    """An elementwise activation ``fn`` named ``name`` (``slope``: the linear neuron's α)."""
-
-    name: str
-    fn: Callable[[Array], Array] = dataclasses.field(compare=True)
-    slope: Optional[float] = None
-    kind = "activation"
-
-
-@dataclasses.dataclass(frozen=True)
 class NoiseSiteSpec(_Spec):
-    """:func:`NoiseSite`."""
+    """A neuron-noise site, :func:`NoiseSite`: where a :class:`noisejax.noise.NeuronNoise` applies."""
 
     kind = "neuron_noise"
-
-
-@dataclasses.dataclass(frozen=True)
-class SerialSpec(_Spec):
-    """:func:`serial`: the children's specs, in order."""
-
-    children: tuple
-    kind = "serial"
 
 
 Spec = Union[DenseSpec, ConvSpec, FlattenSpec, ActivationSpec, NoiseSiteSpec, SerialSpec]

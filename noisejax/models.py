@@ -1,24 +1,8 @@
-"""Deprecated: ``noisejax.models`` moved to :mod:`noisejax.study.models` (the edge of the package).
+"""Deprecated alias of :mod:`noisejax.study.models` (the Flax models of the experiments, their recipe and cache); import from there."""
 
-Every name it had is still reachable here, with a :class:`DeprecationWarning`;
-import it from its new home (named in the warning) instead.
-"""
-
-from __future__ import annotations
-
-import importlib
-import warnings
+from noisejax._deprecated import forwarder
 
 __all__: list = []
-_NEW = "noisejax.study.models"
-#: names whose new home is another module: name -> (module, name there)
-_MOVED = {"accuracy": ("noisejax.train", "accuracy")}
-
-
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module, new_name = _MOVED.get(name, (_NEW, name))
-    value = getattr(importlib.import_module(module), new_name)
-    warnings.warn(f"noisejax.models.{name} is deprecated: use {module}.{new_name}", DeprecationWarning, stacklevel=2)
-    return value
+__getattr__ = forwarder("models", "noisejax.study.models", {
+    "accuracy": ("noisejax.train", "accuracy"),
+})

@@ -88,7 +88,7 @@ COVARIANCES: tuple[str, ...] = ("factored", "lowrank", "full")
 
 
 @struct.dataclass
-class LayerMoments:
+class LayerMoments(_snr.Statistics):
     """Mean and noise covariance of one layer's features (one example, or a batch).
 
     Attributes:
@@ -130,23 +130,6 @@ class LayerMoments:
             left, a, right = self.lazy
             v = v + (jnp.square(left) * jnp.einsum("...nm,...m->...n", jnp.square(a), jnp.square(right))).reshape(self.mean.shape)
         return v
-
-    @property
-    def std(self) -> Array:
-        return jnp.sqrt(self.var)
-
-    @property
-    def snr(self) -> Array:
-        return _snr.snr(self.mean, self.var)
-
-    @property
-    def snr_db(self) -> Array:
-        return _snr.snr_db(self.mean, self.var)
-
-    @property
-    def layer_snr_db(self) -> Array:
-        """The layer summary ``10·log10(Σ mean² / Σ var)`` over all features (and examples)."""
-        return _snr.layer_snr_db(self.mean, self.var)
 
     @property
     def n_factors(self) -> int:
@@ -335,7 +318,7 @@ def _program(net, params, x_shape, dtype):
     return _interp._trace(fn, (params, x_struct), 0, per_net)
 
 
-def _layer_sites(net, program) -> list:
+def _layer_sites(program) -> list:
     """The network's noise sites in order, each as the tuple of its marks (one NeuronNoise mark,
     or a WeightNoiseDense's weight and bias marks)."""
     marks = [s for s in program.sites if s.kind == "marked"]
@@ -376,7 +359,7 @@ def propagate(
         xm = xm.astype(jnp.result_type(float))
     traced = _program(net, values, xm.shape, xm.dtype)
     program = traced.program
-    groups = _layer_sites(net, program)
+    groups = _layer_sites(program)
     per_site = {}
     for marks, nz in zip(groups, _layers.split_noise(noise, [1] * len(groups))):
         if nz is None:

@@ -1,18 +1,9 @@
-"""Deprecated: ``noisejax.reproduce`` moved to :mod:`noisejax.study.reproduce` (the edge of the package).
+"""Deprecated alias of :mod:`noisejax.study.reproduce` (``noisejax reproduce``); import from there."""
 
-Every name it had is still reachable here, with a :class:`DeprecationWarning`;
-import it from its new home (named in the warning) instead.
-"""
-
-from __future__ import annotations
-
-import importlib
-import warnings
+from noisejax._deprecated import forwarder
 
 __all__: list = []
-_NEW = "noisejax.study.reproduce"
-#: names whose new home is another module: name -> (module, name there)
-_MOVED = {
+__getattr__ = forwarder("reproduce", "noisejax.study.reproduce", {
     "atomic_write_bytes": ("noisejax.study.files", "atomic_write_bytes"),
     "atomic_write_json": ("noisejax.study.files", "atomic_write_json"),
     "safe_join": ("noisejax.study.files", "safe_join"),
@@ -29,13 +20,4 @@ _MOVED = {
     "claims_summary_line": ("noisejax.study.claims", "claims_summary_line"),
     "Claim": ("noisejax.study.claims", "Claim"),
     "Result": ("noisejax.study.claims", "Result"),
-}
-
-
-def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module, new_name = _MOVED.get(name, (_NEW, name))
-    value = getattr(importlib.import_module(module), new_name)
-    warnings.warn(f"noisejax.reproduce.{name} is deprecated: use {module}.{new_name}", DeprecationWarning, stacklevel=2)
-    return value
+})

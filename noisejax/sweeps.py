@@ -13,7 +13,7 @@
   ``WNR_ML(target) − WNR_est(target)`` in dB.
 
 Plots and report claims of these curves live at the edge, in :mod:`noisejax.study`
-(``study.plots.plot_accuracy_curves``, ``study.claims.gain_claims``).
+(:func:`noisejax.study.plots.plot_accuracy_curves`, :func:`noisejax.study.claims.gain_claims`).
 
 Resumable sweeps: ``store=`` takes a point store, e.g.
 ``noisejax.study.files.PointStore(FOLDER)``: every finished WNR point is written

@@ -3,7 +3,7 @@
 Every trainer of the package is an objective handed to the loop of this module:
 :func:`fit` (host-driven, chunked, cached compilation) for whole trainings —
 :mod:`noisejax.layers` networks under noise, the Flax models of
-:mod:`noisejax.models`, the learned weight denoiser of :mod:`noisejax.denoise` —
+:mod:`noisejax.study.models`, the learned weight denoiser of :mod:`noisejax.denoise` —
 and :func:`scan_steps`, the same optax step in a :func:`jax.lax.scan`, for steps
 inside a larger compiled program (the devices and the server of
 :mod:`noisejax.federated`).  :func:`fit` runs its chunks with :func:`scan_steps`.
@@ -335,7 +335,7 @@ class Epochs:
     """Epochs of ``⌊n / batch_size⌋`` steps: epoch ``e`` visits ``permutation(fold_in(key, e + key_offset), n)``
     in consecutive batches (the ``n mod batch_size`` last permuted examples are skipped).
 
-    ``key_offset`` lets a recipe keep its key schedule (:func:`noisejax.models.train`
+    ``key_offset`` lets a recipe keep its key schedule (:func:`noisejax.study.models.train`
     shuffles epoch ``e`` with ``fold_in(key, e + 1)``: ``key`` itself initialized the model).
     """
 

@@ -3,7 +3,7 @@
 Follow-up of paper A to convolutional networks (Kolesnikov & Semenova 2025): in a CNN the
 noise a layer receives is set by its kernel — correlated noise by the kernel's **mean**,
 uncorrelated noise by its **mean square**.  Here on the CNN of Flax's MNIST example,
-unmodified (``noisejax.models.CNN``), trained on 8×8 digits: additive noise of variance
+unmodified (``noisejax.study.models.CNN``), trained on 8×8 digits: additive noise of variance
 ``D`` is switched on after ONE activation (``ξ_AU``, independent per neuron, or ``ξ_AC``, one
 draw per example shared by all its neurons) and the noise variance of the outputs of the
 next matrix product (``Conv_1``, ``Dense_0``, ``Dense_1``) is measured per output channel

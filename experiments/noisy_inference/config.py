@@ -39,7 +39,7 @@ class Config:
         no side information) and/or ``"projection"`` (plus the common-mode projection,
         whose per-channel targets are side information).
       authors_form: also select (validation split, same grid and noise realizations) and report
-        the authors' published closed form of the compensated MMSE (``denoise.mmse_pb``:
+        the authors' published closed form of the compensated MMSE (``denoise.MMSEpb``:
         global clean-weight variance, no fallback); costs one more compiled grid call per model.
       recalibrate: for BatchNorm models, also evaluate ML, the selected compensated MMSE
         and the ``"common"`` learned denoiser followed by a re-estimation of the batch

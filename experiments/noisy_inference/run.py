@@ -240,7 +240,7 @@ def _claim_note(gains: dict, est: str) -> str:
         return ("uses side information: one clean number per output channel (the weights' "
                 "component along a learned per-layer direction), besides the per-layer coefficients")
     if est == _PB:
-        return ("the authors' published closed form (denoise.mmse_pb): one global clean-weight variance "
+        return ("the authors' published closed form (denoise.MMSEpb): one global clean-weight variance "
                 "(side information) and no fallback where η+1−λ' < 0; (λ', β) chosen on the validation split")
     if "oracle" in est:
         return "(λ', β) chosen by test accuracy, as in the authors' published curves"

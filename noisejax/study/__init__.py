@@ -6,6 +6,7 @@ disk, draws a figure or writes the report is here:
 
     noisejax.study.files      the one safe-file layer: atomic writes, one canonical JSON and hash,
                               checked JSON / .npz / msgpack files, resumable points, caches
+    noisejax.study.convert    WEIGHTS.npz files of dense networks; PyTorch / Flax weights into them
     noisejax.study.models     the Flax models of the weight-noise experiments, their recipe and cache
     noisejax.study.claims     typed claims and results of an experiment (Claim, Result)
     noisejax.study.plots      figures (accuracy-vs-WNR curves)
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("files", "models", "claims", "plots", "report", "reproduce")
+_SUBMODULES = ("files", "convert", "models", "claims", "plots", "report", "reproduce")
 
 __all__ = list(_SUBMODULES)
 
