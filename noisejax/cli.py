@@ -401,58 +401,23 @@ def _propagate(args) -> int:
     import time
 
     t_start = time.perf_counter()
-    import jax
     import jax.numpy as jnp
 
-    from noisejax import layers, noise, rng, simulate
+    from noisejax import layers, noise, rng
     from noisejax import snr as snr_lib
 
     weights, biases = _load_weights(args.weights)
     x = _load_input(args.input, weights[0].shape[0], weights[0].shape[1])
     settings = _noise_settings(args)
-    ranges = {k: v for k, v in settings.items() if isinstance(v, _Range)}
-    if ranges and not args.sweep:
-        k, r = next(iter(ranges.items()))
-        raise _CliError(f"--{k.replace('_', '-')} {r.text} is a range: add --sweep DIR (the table, JSON and PNG of the sweep go there)")
-    if args.sweep and not ranges:
-        raise _CliError("--sweep needs a range START:STOP:N on a noise flag, e.g. --add-uncorrelated 1e-4:1e-1:10")
-    if len({len(r.values) for r in ranges.values()}) > 1:
-        raise _CliError("swept noise flags must have the same number of points N (they are swept together)")
-    if all(v is None or (not isinstance(v, _Range) and v == 0) for v in settings.values()):
-        _warn("all noise variances are 0: the statistics are those of the noise-free network (SNR = inf; a Monte "
-              "Carlo variance is float32 rounding); add e.g. --add-uncorrelated 1e-3")
+    ranges = _check_ranges(args, settings)
     net, params = layers.from_weights(weights, biases, args.activation, args.activation_out)
     key = rng.make_key(args.seed, args.rng)
     xj = jnp.asarray(x)
-    batched = x.ndim == 2
     st = _settings(args, weights, x)
     if ranges:
         return _sweep(args, st, net, params, xj, key, settings, ranges)
-    nz = noise.NeuronNoise(**settings)
-
-    per_layer = [{"index": l, "width": int(W.shape[1])} for l, W in enumerate(weights)]
-    compile_s = None
-    if args.method in ("mc", "both"):
-        if batched:
-            fn = lambda k: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
-        else:
-            fn = lambda k: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-        with _CompileClock() as clock:
-            res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
-            jax.block_until_ready(res)
-        compile_s = clock.seconds
-        for l, (m, v) in enumerate(zip(res.mean, res.var)):
-            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
-            per_layer[l]["mc"] = {"mean": m, "var": v, "mean_stderr": np.sqrt(v / args.realizations),
-                                  **_layer_stats(m, v, args.realizations)}
-    if args.method in ("analytic", "both"):
-        from noisejax import moments
-
-        preds = moments.predict(net, params, xj, noise=nz, method=args.moment_method)
-        for l, p in enumerate(preds):
-            m, v = np.asarray(p.mean, np.float64), np.asarray(p.var, np.float64)
-            per_layer[l]["analytic"] = {"mean": m, "var": v, **_layer_stats(m, v)}
-
+    per_layer, compile_s = _propagate_stats(args, net, params, xj, key, noise.NeuronNoise(**settings),
+                                            [int(W.shape[1]) for W in weights])
     if args.json:
         out = {
             "noisejax_version": _package_version(),
@@ -475,6 +440,60 @@ def _propagate(args) -> int:
         print("\n".join(_settings_lines(st)))
         print("\n".join(_propagate_table(per_layer)))
     return 0
+
+
+def _check_ranges(args, settings: dict) -> dict:
+    """The swept noise flags (``START:STOP:N``), checked against ``--sweep``; warns when every variance is 0."""
+    ranges = {k: v for k, v in settings.items() if isinstance(v, _Range)}
+    if ranges and not args.sweep:
+        k, r = next(iter(ranges.items()))
+        raise _CliError(f"--{k.replace('_', '-')} {r.text} is a range: add --sweep DIR (the table, JSON and PNG of the sweep go there)")
+    if args.sweep and not ranges:
+        raise _CliError("--sweep needs a range START:STOP:N on a noise flag, e.g. --add-uncorrelated 1e-4:1e-1:10")
+    if len({len(r.values) for r in ranges.values()}) > 1:
+        raise _CliError("swept noise flags must have the same number of points N (they are swept together)")
+    if all(v is None or (not isinstance(v, _Range) and v == 0) for v in settings.values()):
+        _warn("all noise variances are 0: the statistics are those of the noise-free network (SNR = inf; a Monte "
+              "Carlo variance is float32 rounding); add e.g. --add-uncorrelated 1e-3")
+    return ranges
+
+
+def _forward(net, params, xj):
+    """``(key, noise) -> per-layer outputs`` of one realization, for one input or a batch."""
+    from noisejax import layers
+
+    if xj.ndim == 2:
+        return lambda k, nz: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
+    return lambda k, nz: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
+
+
+def _propagate_stats(args, net, params, xj, key, nz, widths: list) -> tuple[list, Optional[float]]:
+    """Per-layer Monte Carlo and/or analytic statistics; the Monte Carlo run's compile seconds."""
+    import jax
+
+    from noisejax import simulate
+
+    per_layer = [{"index": l, "width": w} for l, w in enumerate(widths)]
+    compile_s = None
+    if args.method in ("mc", "both"):
+        forward = _forward(net, params, xj)
+        with _CompileClock() as clock:
+            res = simulate.monte_carlo(lambda k: forward(k, nz), key, args.realizations, chunk_size=args.chunk_size,
+                                       progress=args.progress)
+            jax.block_until_ready(res)
+        compile_s = clock.seconds
+        for l, (m, v) in enumerate(zip(res.mean, res.var)):
+            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
+            per_layer[l]["mc"] = {"mean": m, "var": v, "mean_stderr": np.sqrt(v / args.realizations),
+                                  **_layer_stats(m, v, args.realizations)}
+    if args.method in ("analytic", "both"):
+        from noisejax import moments
+
+        preds = moments.predict(net, params, xj, noise=nz, method=args.moment_method)
+        for l, p in enumerate(preds):
+            m, v = np.asarray(p.mean, np.float64), np.asarray(p.var, np.float64)
+            per_layer[l]["analytic"] = {"mean": m, "var": v, **_layer_stats(m, v)}
+    return per_layer, compile_s
 
 
 def _layer_json(e: dict) -> dict:
@@ -503,49 +522,11 @@ def _propagate_table(per_layer) -> list[str]:
 
 def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
     """SNR per layer at every point of the swept noise flags: table, JSON and PNG in ``args.sweep``."""
-    import jax
-
-    from noisejax import layers, noise, simulate
     from noisejax import snr as snr_lib
 
     n_points = len(next(iter(ranges.values())).values)
-
-    def column(v):
-        if isinstance(v, _Range):
-            return np.asarray(v.values, np.float32)
-        return None if v is None else np.full(n_points, v, np.float32)
-
-    stack = noise.NeuronNoise(**{k: column(v) for k, v in settings.items()})
-    batched = xj.ndim == 2
     n_layers = len(st["widths"]) - 1
-    result: dict[str, list] = {}
-    if args.method in ("mc", "both"):
-        def forward(k, nz):
-            if batched:
-                return layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
-            return net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-
-        # the realization function vmaps over the intensities (same noise draws at every point)
-        fn = lambda k: jax.vmap(lambda nz: forward(k, nz))(stack)
-        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
-        result["mc"] = []
-        for m, v in zip(res.mean, res.var):
-            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
-            result["mc"].append(_layer_stats(m, v, args.realizations, axis=range(1, m.ndim)))
-    if args.method in ("analytic", "both"):
-        from noisejax import moments
-
-        per_point = []
-        for i in range(n_points):
-            nz = noise.NeuronNoise(**{k: (None if c is None else float(c[i])) for k, c in
-                                      ((k, column(v)) for k, v in settings.items())})
-            per_point.append(moments.predict(net, params, xj, noise=nz, method=args.moment_method))
-        result["analytic"] = []
-        for l in range(n_layers):
-            m = np.stack([np.asarray(p[l].mean, np.float64) for p in per_point])
-            v = np.stack([np.asarray(p[l].var, np.float64) for p in per_point])
-            result["analytic"].append(_layer_stats(m, v, axis=range(1, m.ndim)))
-
+    result = _sweep_stats(args, net, params, xj, key, settings, n_points, n_layers)
     swept = list(ranges)
     x_values = np.asarray(ranges[swept[0]].values)
     header = [f"{k} D" for k in swept]
@@ -585,6 +566,44 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
         print("\n".join(lines))
         print(f"wrote {os.path.join(out_dir, 'sweep.txt')}, sweep.json and sweep.png")
     return 0
+
+
+def _sweep_stats(args, net, params, xj, key, settings: dict, n_points: int, n_layers: int) -> dict:
+    """Per-layer statistics ``{"mc"|"analytic": [layer stats over the points]}`` at every point of the sweep."""
+    import jax
+
+    from noisejax import noise, simulate
+
+    def column(v):
+        if isinstance(v, _Range):
+            return np.asarray(v.values, np.float32)
+        return None if v is None else np.full(n_points, v, np.float32)
+
+    result: dict[str, list] = {}
+    if args.method in ("mc", "both"):
+        stack = noise.NeuronNoise(**{k: column(v) for k, v in settings.items()})
+        forward = _forward(net, params, xj)
+        # the realization function vmaps over the intensities (same noise draws at every point)
+        fn = lambda k: jax.vmap(lambda nz: forward(k, nz))(stack)  # noqa: E731
+        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+        result["mc"] = []
+        for m, v in zip(res.mean, res.var):
+            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
+            result["mc"].append(_layer_stats(m, v, args.realizations, axis=range(1, m.ndim)))
+    if args.method in ("analytic", "both"):
+        from noisejax import moments
+
+        per_point = []
+        for i in range(n_points):
+            nz = noise.NeuronNoise(**{k: (None if c is None else float(c[i])) for k, c in
+                                      ((k, column(v)) for k, v in settings.items())})
+            per_point.append(moments.predict(net, params, xj, noise=nz, method=args.moment_method))
+        result["analytic"] = []
+        for l in range(n_layers):
+            m = np.stack([np.asarray(p[l].mean, np.float64) for p in per_point])
+            v = np.stack([np.asarray(p[l].var, np.float64) for p in per_point])
+            result["analytic"].append(_layer_stats(m, v, axis=range(1, m.ndim)))
+    return result
 
 
 def _write_sweep(out_dir: str, lines: list, doc: dict, fig) -> None:
@@ -828,38 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("propagate", help="per-layer noise statistics of given weights", formatter_class=fmt,
-                       description="Per-layer mean, noise variance and SNR of a dense network under neuron noise "
-                                   "(Monte Carlo and/or analytic).  SNR = 10 log10(sum mean^2 / sum var) per layer.")
-    p.add_argument("weights", metavar="WEIGHTS.npz",
-                   help="W0, b0, W1, b1, ... with W_l of shape (fan_in, fan_out) (see `noisejax convert`)")
-    p.add_argument("--input", required=True, metavar="X.npy", help="one input (fan_in,) or a batch (B, fan_in)")
-    p.add_argument("--activation", required=True, type=_activation_arg, metavar="NAME",
-                   help="linear, linear:SLOPE, sigmoid, tanh, relu or erf")
-    p.add_argument("--activation-out", type=_activation_arg, default=None, metavar="NAME",
-                   help="activation of the last layer (default: --activation)")
-    for flag in _NOISE_FLAGS:
-        p.add_argument(f"--{flag}", type=_noise_arg(f"--{flag}"), default=None, metavar="D",
-                       help=f"{flag.replace('add-', 'additive ').replace('mul-', 'multiplicative ')} noise "
-                            "variance D at every layer (default: 0); "
-                            "START:STOP:N sweeps N log-spaced values (needs --sweep)")
-    p.add_argument("--sweep", default=None, metavar="DIR",
-                   help="folder for a sweep's table (sweep.txt), JSON (sweep.json) and plot (sweep.png)")
-    p.add_argument("--realizations", type=_int_arg("--realizations", 2), default=10_000, metavar="N",
-                   help="Monte Carlo realizations")
-    p.add_argument("--chunk-size", type=_int_arg("--chunk-size", 1), default=None, metavar="C",
-                   help="realizations per compiled call (results do not depend on it)")
-    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed")
-    p.add_argument("--method", choices=("mc", "analytic", "both"), default="mc",
-                   help="Monte Carlo, analytic moment propagation, or both")
-    p.add_argument("--moment-method", choices=("linearized", "gaussian"), default="gaussian",
-                   help="analytic method: first order, or Gaussian moment matching")
-    p.add_argument("--rng", choices=("fast", "threefry", "rbg"), default="fast",
-                   help="PRNG: noisejax's fast counter-based generator or JAX's threefry / rbg")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    p.set_defaults(func=_propagate)
-
+    _add_propagate(sub, fmt)
     d = sub.add_parser("demo", help="train a sigmoid MLP on digits and print its per-layer noise table",
                        formatter_class=fmt)
     d.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed (data split, init, noise)")
@@ -906,6 +894,41 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sc.set_defaults(func=_selfcheck)
     return parser
+
+
+def _add_propagate(sub, fmt) -> None:
+    """The ``propagate`` subcommand's arguments."""
+    p = sub.add_parser("propagate", help="per-layer noise statistics of given weights", formatter_class=fmt,
+                       description="Per-layer mean, noise variance and SNR of a dense network under neuron noise "
+                                   "(Monte Carlo and/or analytic).  SNR = 10 log10(sum mean^2 / sum var) per layer.")
+    p.add_argument("weights", metavar="WEIGHTS.npz",
+                   help="W0, b0, W1, b1, ... with W_l of shape (fan_in, fan_out) (see `noisejax convert`)")
+    p.add_argument("--input", required=True, metavar="X.npy", help="one input (fan_in,) or a batch (B, fan_in)")
+    p.add_argument("--activation", required=True, type=_activation_arg, metavar="NAME",
+                   help="linear, linear:SLOPE, sigmoid, tanh, relu or erf")
+    p.add_argument("--activation-out", type=_activation_arg, default=None, metavar="NAME",
+                   help="activation of the last layer (default: --activation)")
+    for flag in _NOISE_FLAGS:
+        p.add_argument(f"--{flag}", type=_noise_arg(f"--{flag}"), default=None, metavar="D",
+                       help=f"{flag.replace('add-', 'additive ').replace('mul-', 'multiplicative ')} noise "
+                            "variance D at every layer (default: 0); "
+                            "START:STOP:N sweeps N log-spaced values (needs --sweep)")
+    p.add_argument("--sweep", default=None, metavar="DIR",
+                   help="folder for a sweep's table (sweep.txt), JSON (sweep.json) and plot (sweep.png)")
+    p.add_argument("--realizations", type=_int_arg("--realizations", 2), default=10_000, metavar="N",
+                   help="Monte Carlo realizations")
+    p.add_argument("--chunk-size", type=_int_arg("--chunk-size", 1), default=None, metavar="C",
+                   help="realizations per compiled call (results do not depend on it)")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed")
+    p.add_argument("--method", choices=("mc", "analytic", "both"), default="mc",
+                   help="Monte Carlo, analytic moment propagation, or both")
+    p.add_argument("--moment-method", choices=("linearized", "gaussian"), default="gaussian",
+                   help="analytic method: first order, or Gaussian moment matching")
+    p.add_argument("--rng", choices=("fast", "threefry", "rbg"), default="fast",
+                   help="PRNG: noisejax's fast counter-based generator or JAX's threefry / rbg")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.set_defaults(func=_propagate)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -412,15 +412,8 @@ def monte_carlo(
     state_sharding = NamedSharding(mesh, P(_AXIS))
     state = _empty_state(out_struct, streams, state_sharding)
     consts = jax.device_put(consts, NamedSharding(mesh, P()))
-    cache_key = (program, str(key.dtype), tile, streams, rounds, tuple(devices))
-    chunk_fn = _CHUNK_CACHE.get(cache_key)
-    if chunk_fn is None:
-        chunk_fn = _build_chunk_fn(flat_fn, rebuild, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
-        _CHUNK_CACHE[cache_key] = chunk_fn
-        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
-            _CHUNK_CACHE.popitem(last=False)
-    else:
-        _CHUNK_CACHE.move_to_end(cache_key)
+    chunk_fn = _chunk_program((program, str(key.dtype), tile, streams, rounds, tuple(devices)),
+                              lambda: _build_chunk_fn(flat_fn, rebuild, tile=tile, streams=streams, rounds=rounds, mesh=mesh))
 
     # compiled before the chunks are dispatched, so that compiling it does not overlap the computation
     finalize_fn = _finalizer(*_structure(state))
@@ -450,6 +443,18 @@ def monte_carlo(
         for message in _precision.check_result(result, n, tile, streams):
             warnings.warn(message, PrecisionWarning, stacklevel=2)
     return result
+
+
+def _chunk_program(cache_key, build: Callable[[], Any]):
+    """The compiled chunk program for ``cache_key`` (the traced program and the static setup), built on a miss."""
+    chunk_fn = _CHUNK_CACHE.get(cache_key)
+    if chunk_fn is None:
+        chunk_fn = _CHUNK_CACHE[cache_key] = build()
+        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
+            _CHUNK_CACHE.popitem(last=False)
+    else:
+        _CHUNK_CACHE.move_to_end(cache_key)
+    return chunk_fn
 
 
 def _raise_if_nonfinite(result: MCResult) -> None:

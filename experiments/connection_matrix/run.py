@@ -178,6 +178,14 @@ def evaluate(an: dict, cfg) -> tuple[list[Claim], dict]:
     return claims, {"relative_tolerance_5sigma": tol, "fits": f}
 
 
+def _identity(ax, xs) -> None:
+    """The prediction ``y = x`` over the positive range of ``xs``."""
+    xs = np.asarray([v for v in xs if v > 0])
+    if xs.size:
+        lo, hi = xs.min() / 2, xs.max() * 2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction y = x")
+
+
 def figure(an: dict, infos: list[dict], cfg):
     from matplotlib.figure import Figure
 
@@ -186,12 +194,6 @@ def figure(an: dict, infos: list[dict], cfg):
     color = {w: f"C{k}" for k, w in enumerate(widths)}
     marker = "osD^v<>"
     rows = an["layers"]
-
-    def ident(ax, xs):
-        xs = np.asarray([v for v in xs if v > 0])
-        if xs.size:
-            lo, hi = xs.min() / 2, xs.max() * 2
-            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction y = x")
 
     panels = [
         ("mean_W2", "uncorrelated_normalized", "per layer: mean(W²)", "⟨Var x⟩ / (D·N)", "uncorrelated noise (ξ_AU)"),
@@ -206,7 +208,7 @@ def figure(an: dict, infos: list[dict], cfg):
         if xk == "mean_W_squared":  # the exact layer average: mean(W)² + spread of the neurons' mean weights
             ex = [r["mean_W_squared"] + r["var_of_neuron_means"] for r in rows]
             ax.plot(ex, [r[yk] for r in rows], "k.", ms=5, label="x = mean(W)² + Var_i mean_j W_ji (exact)")
-        ident(ax, [r[xk] for r in rows] + [r[yk] for r in rows])
+        _identity(ax, [r[xk] for r in rows] + [r[yk] for r in rows])
         for w in widths:  # colour: the hidden width; marker shape: the training seed
             ax.plot([], [], "o", color=color[w], mfc="none", label=f"layer of a network with hidden width {w}")
         for i, seed in enumerate(cfg.seeds):
@@ -226,7 +228,7 @@ def figure(an: dict, infos: list[dict], cfg):
         for n, info in enumerate(infos):
             sel = net == n
             ax.plot(x[sel], y[sel], ".", color=color[info["width"]], ms=3, alpha=0.6)
-        ident(ax, np.concatenate([x, y]))
+        _identity(ax, np.concatenate([x, y]))
         for w in widths:
             ax.plot([], [], ".", color=color[w], ms=6, label=f"neuron of a network with hidden width {w}")
         ax.set_xscale("log")
