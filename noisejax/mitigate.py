@@ -360,9 +360,7 @@ def pool(
         elif readout:
             eye = np.eye(blk.width, dtype=blk.W.dtype)
             appended = Block(np.repeat(eye, P, axis=0) / P, None, None, False)
-    if appended is not None:
-        bl.append(appended)
-    return assemble(bl)
+    return assemble(bl if appended is None else [*bl, appended])  # the read-out block, if any, last
 
 
 # ----------------------------------------------------------------------------------
@@ -425,9 +423,7 @@ def ghost_neurons(
             m = blk.width
             Wr = np.concatenate([np.eye(m, dtype=W.dtype), -np.ones((1, m), W.dtype)], axis=0)
             appended = Block(Wr, np.full((m,), f0, W.dtype), None, False)
-    if appended is not None:
-        bl.append(appended)
-    return assemble(bl)
+    return assemble(bl if appended is None else [*bl, appended])  # the read-out block, if any, last
 
 
 # ----------------------------------------------------------------------------------

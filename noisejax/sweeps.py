@@ -24,8 +24,8 @@ intact and whose fingerprint matches, and recomputes the others (missing,
 truncated, corrupted or computed for other inputs) — a killed sweep finishes with
 bitwise the same result as an uninterrupted one.  ``logits_fn`` itself cannot be
 fingerprinted: give each model function its own folder (or a ``store_key``).
-This module itself writes no file: it calls the store's ``bind`` and
-``get_or_compute`` (a folder path still works, deprecated).
+This module itself writes no file: it only calls the store's ``bind`` and
+``get_or_compute`` (any object with these two methods is a point store).
 
 Example::
 
@@ -40,11 +40,9 @@ Example::
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import os
 import time
-import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -126,13 +124,14 @@ class _NoStore:
 
 
 def _point_store(store: Any, identity: dict, data: Any):
-    """The sweep's bound point store: ``None`` computes everything; a folder path is deprecated."""
+    """The sweep's bound point store (``None``: every point is computed, nothing is kept)."""
     if store is None:
         return _NoStore()
     if isinstance(store, (str, os.PathLike)):
-        warnings.warn("store=FOLDER is deprecated: pass store=noisejax.study.files.PointStore(FOLDER)",
-                      DeprecationWarning, stacklevel=3)
-        store = importlib.import_module("noisejax.study.files").PointStore(store)
+        raise InvalidArgumentError(
+            f"store={os.fspath(store)!r} is a folder: pass store=noisejax.study.files.PointStore({os.fspath(store)!r}) "
+            "(the core of noisejax writes no file itself)"
+        )
     if not (callable(getattr(store, "bind", None)) and callable(getattr(store, "get_or_compute", None))):
         raise InvalidArgumentError(
             f"store must be None or a point store such as noisejax.study.files.PointStore(folder), got {type(store).__name__}"

@@ -162,13 +162,12 @@ def test_store_must_be_a_folder(tiny_problem, tmp_path):
                               estimators={"ml": denoise.ML()}, store=3)
 
 
-def test_store_folder_path_is_deprecated(tiny_problem, tmp_path):
+def test_store_folder_path_names_the_point_store(tiny_problem, tmp_path):
     f, v, x, y = tiny_problem
-    kw = dict(key=jax.random.key(0), n_realizations=2, estimators={"ml": denoise.ML()})
-    with pytest.warns(DeprecationWarning, match="PointStore"):
-        a = sweeps.accuracy_sweep(f, v, x, y, [0.0], store=tmp_path / "s", **kw)
-    b = sweeps.accuracy_sweep(f, v, x, y, [0.0], store=PointStore(tmp_path / "s"), **kw)
-    assert a["_reused"] == 0 and b["_reused"] == 1
+    with pytest.raises(InvalidArgumentError, match=r"pass store=noisejax\.study\.files\.PointStore"):
+        sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
+                              estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 def test_points_of_another_library_version_are_recomputed(tiny_problem, tmp_path, monkeypatch):
