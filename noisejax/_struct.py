@@ -17,7 +17,7 @@ registered with :func:`jax.tree_util.register_dataclass` (fields with
 the constructor, so ``__post_init__`` runs), a ``.replace(**updates)`` method, and
 Flax serialization state (``flax.serialization.to_state_dict``: the data fields by
 name), registered once Flax's serialization module is used
-(:func:`register_serialization`, called by :mod:`noisejax.checkpoint`).
+(:func:`register_serialization`, called by :mod:`noisejax.study.files`).
 """
 
 from __future__ import annotations

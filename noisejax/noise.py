@@ -57,7 +57,6 @@ __all__ = [
     "state_dict_leaf_filter",
     "selected_leaves",
     "LeafSelection",
-    "all_float_leaves",
     "path_names",
     "wnr_to_noise_power",
     "noise_power",
@@ -349,11 +348,6 @@ def selected_leaves(params: PyTree, leaf_filter: LeafFilter = default_leaf_filte
         dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
         rows.append(LeafSelection("/".join(path_names(path)), tuple(np.shape(leaf)), dtype, sel, reason))
     return tuple(rows)
-
-
-def all_float_leaves(path: tuple, leaf: Any) -> bool:
-    """Perturb every floating-point leaf."""
-    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def _map_selected(params: PyTree, leaf_filter: LeafFilter, f: Callable[[int, Any], Any]) -> PyTree:

@@ -179,8 +179,8 @@ def _check_moments() -> str:
     cnn = layers.serial(
         # linear activations: the nonlinear rules are covered by the MLP above, and each of their
         # many primitives costs a compilation in op-by-op mode
-        layers.serial(layers.Conv(16, (3, 3)), layers.Linear(0.5), layers.NeuronNoise()),
-        layers.serial(layers.Conv(32, (3, 3)), layers.Linear(0.5), layers.NeuronNoise()),
+        layers.serial(layers.Conv(16, (3, 3)), layers.Linear(0.5), layers.NoiseSite()),
+        layers.serial(layers.Conv(32, (3, 3)), layers.Linear(0.5), layers.NoiseSite()),
         layers.serial(layers.Flatten(), layers.Dense(10), layers.Linear()),
     )
     _, cp = cnn.init(jax.random.key(2), (14, 14, 3))

@@ -93,7 +93,7 @@ class Welford:
 
 
 @struct.dataclass
-class MCResult:
+class MCResult(_snr.Statistics):
     """Statistics over realizations, one entry per leaf of ``fn``'s output.
 
     Attributes:
@@ -111,25 +111,8 @@ class MCResult:
     var: PyTree
 
     @property
-    def std(self) -> PyTree:
-        return jax.tree_util.tree_map(jnp.sqrt, self.var)
-
-    @property
     def stderr(self) -> PyTree:
         return jax.tree_util.tree_map(lambda v: jnp.sqrt(v / self.count), self.var)
-
-    @property
-    def snr(self) -> PyTree:
-        return jax.tree_util.tree_map(_snr.snr, self.mean, self.var)
-
-    @property
-    def snr_db(self) -> PyTree:
-        return jax.tree_util.tree_map(_snr.snr_db, self.mean, self.var)
-
-    @property
-    def layer_snr_db(self) -> PyTree:
-        """Per leaf (e.g. per layer of ``return_layers`` outputs): ``10·log10(Σ mean² / Σ var)``."""
-        return jax.tree_util.tree_map(_snr.layer_snr_db, self.mean, self.var)
 
 
 def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:
@@ -257,7 +240,7 @@ def _shard_map(f, mesh, in_specs, out_specs):
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh):
+def _build_chunk_fn(fn, rebuild_key, *, tile, streams, rounds, mesh):
     """Compile-once function ``(state, consts, key_data, start, stop) -> state`` for one chunk.
 
     ``fn(consts, key)`` is one realization; ``consts`` (the arrays the user's function
@@ -429,15 +412,8 @@ def monte_carlo(
     state_sharding = NamedSharding(mesh, P(_AXIS))
     state = _empty_state(out_struct, streams, state_sharding)
     consts = jax.device_put(consts, NamedSharding(mesh, P()))
-    cache_key = (program, str(key.dtype), tile, streams, rounds, tuple(devices))
-    chunk_fn = _CHUNK_CACHE.get(cache_key)
-    if chunk_fn is None:
-        chunk_fn = _build_chunk_fn(flat_fn, rebuild, out_struct, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
-        _CHUNK_CACHE[cache_key] = chunk_fn
-        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
-            _CHUNK_CACHE.popitem(last=False)
-    else:
-        _CHUNK_CACHE.move_to_end(cache_key)
+    chunk_fn = _chunk_program((program, str(key.dtype), tile, streams, rounds, tuple(devices)),
+                              lambda: _build_chunk_fn(flat_fn, rebuild, tile=tile, streams=streams, rounds=rounds, mesh=mesh))
 
     # compiled before the chunks are dispatched, so that compiling it does not overlap the computation
     finalize_fn = _finalizer(*_structure(state))
@@ -467,6 +443,18 @@ def monte_carlo(
         for message in _precision.check_result(result, n, tile, streams):
             warnings.warn(message, PrecisionWarning, stacklevel=2)
     return result
+
+
+def _chunk_program(cache_key, build: Callable[[], Any]):
+    """The compiled chunk program for ``cache_key`` (the traced program and the static setup), built on a miss."""
+    chunk_fn = _CHUNK_CACHE.get(cache_key)
+    if chunk_fn is None:
+        chunk_fn = _CHUNK_CACHE[cache_key] = build()
+        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
+            _CHUNK_CACHE.popitem(last=False)
+    else:
+        _CHUNK_CACHE.move_to_end(cache_key)
+    return chunk_fn
 
 
 def _raise_if_nonfinite(result: MCResult) -> None:

@@ -54,8 +54,8 @@ def _conv_net():
     """Conv(16) → tanh → correlated noise → Conv(32) → tanh → Flatten → Dense(10): the second conv's
     weight-noise term convolves E[y²] = m² + d + Σ_r F_r² (a reduction) with σ²."""
     return layers.serial(
-        layers.serial(layers.Conv(16, (3, 3)), layers.Tanh(), layers.NeuronNoise()),
-        layers.serial(layers.Conv(32, (3, 3)), layers.Tanh(), layers.NeuronNoise()),
+        layers.serial(layers.Conv(16, (3, 3)), layers.Tanh(), layers.NoiseSite()),
+        layers.serial(layers.Conv(32, (3, 3)), layers.Tanh(), layers.NoiseSite()),
         layers.serial(layers.Flatten(), layers.Dense(10), layers.Sigmoid()),
     )
 

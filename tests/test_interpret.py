@@ -504,9 +504,9 @@ def test_transformer_block_error_is_reported_and_small():
 
 def test_layers_networks_give_the_same_numbers_through_analytic():
     net = layers.serial(
-        layers.serial(layers.Conv(3, (3, 3)), layers.Tanh(), layers.NeuronNoise()),
-        layers.serial(layers.Flatten(), layers.Dense(5), layers.Sigmoid(), layers.NeuronNoise()),
-        layers.serial(layers.Dense(3), layers.Relu(), layers.NeuronNoise()),
+        layers.serial(layers.Conv(3, (3, 3)), layers.Tanh(), layers.NoiseSite()),
+        layers.serial(layers.Flatten(), layers.Dense(5), layers.Sigmoid(), layers.NoiseSite()),
+        layers.serial(layers.Dense(3), layers.Relu(), layers.NoiseSite()),
     )
     _, params = net.init(jax.random.key(0), (5, 5, 2))
     x = jax.random.normal(jax.random.key(1), (5, 5, 2))

@@ -89,7 +89,7 @@ def _case_noise(names):
 
 
 def _switch_activation(names):
-    fns = [layers.activation(n).spec["fn"] for n in names]
+    fns = [layers.activation(n).spec.fn for n in names]
 
     def init(key, shape):
         return tuple(shape), jnp.zeros(len(fns))
@@ -251,8 +251,8 @@ def setup():
 
 def _conv_net(act):
     return layers.serial(
-        layers.serial(layers.Conv(3, (3, 3)), layers.activation(act), layers.NeuronNoise()),
-        layers.serial(layers.Flatten(), layers.Dense(6), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Conv(3, (3, 3)), layers.activation(act), layers.NoiseSite()),
+        layers.serial(layers.Flatten(), layers.Dense(6), layers.Sigmoid(), layers.NoiseSite()),
     )
 
 
@@ -272,7 +272,7 @@ def mc(setup):
     from one run of ``simulate.monte_carlo``."""
     S = setup
     sites, dsites = _case_noise(NAMES), _case_noise(REGULAR)
-    switch_net = layers.serial(*[layers.serial(layers.Dense(w), _switch_activation(ACTS), layers.NeuronNoise()) for w in WIDTHS[1:]])
+    switch_net = layers.serial(*[layers.serial(layers.Dense(w), _switch_activation(ACTS), layers.NoiseSite()) for w in WIDTHS[1:]])
     sel = jnp.eye(len(ACTS))
     base = _dense_params(S["Ws"], S["bs"])
     sw_params = jax.vmap(lambda s: tuple((blk[0], s, ()) for blk in base))(sel)
@@ -450,7 +450,7 @@ def test_gaussian_activation_moments_match_numpy_integration(name):
     mus = np.array([-3.0, -0.7, 0.0, 0.4, 2.5])
     vs = np.array([1e-4, 0.05, 0.5, 2.0, 6.0])
     M, V = np.meshgrid(mus, vs)
-    ef, vf, g = moments.activation_moments(layer.spec["fn"], jnp.asarray(M, jnp.float32), jnp.asarray(V, jnp.float32), kind=kind)
+    ef, vf, g = moments.activation_moments(layer.spec.fn, jnp.asarray(M, jnp.float32), jnp.asarray(V, jnp.float32), kind=kind)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             r_ef, r_vf, r_g = _numpy_gauss(_NP_F[name], M[i, j], V[i, j])
@@ -467,7 +467,7 @@ def test_closed_forms_agree_with_quadrature_and_are_stable_at_zero_variance():
     def run(mu, v):
         out = {}
         for name in ("relu", "erf"):
-            fn = layers.activation(name).spec["fn"]
+            fn = layers.activation(name).spec.fn
             out[name] = (
                 moments.activation_moments(fn, mu, v, kind=name),
                 moments.activation_moments(fn, mu, v, quad_nodes=96),
@@ -480,7 +480,7 @@ def test_closed_forms_agree_with_quadrature_and_are_stable_at_zero_variance():
         for a, b in zip(closed, quad):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-3, atol=3e-4)
         # zero variance: reduces to f(mu), 0, f'(mu) with finite gradients
-        fn = layers.activation(name).spec["fn"]
+        fn = layers.activation(name).spec.fn
         np.testing.assert_allclose(np.asarray(at_zero[0]), np.asarray(fn(mu)), atol=1e-6)
         np.testing.assert_allclose(np.asarray(at_zero[1]), 0.0, atol=1e-12)
         assert np.all(np.isfinite(np.asarray(grad)))
@@ -615,9 +615,9 @@ def test_factored_and_full_covariance_agree_through_nonlinearities():
     the lazy block of the factored form materialize inside a noise site and a reshape."""
     rng = np.random.default_rng(4)
     net = layers.serial(
-        layers.serial(layers.Dense(9), layers.Tanh(), layers.NeuronNoise()),
-        layers.serial(layers.Dense(7), layers.Erf(), layers.NeuronNoise(), layers.Flatten()),
-        layers.serial(layers.Dense(3), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Dense(9), layers.Tanh(), layers.NoiseSite()),
+        layers.serial(layers.Dense(7), layers.Erf(), layers.NoiseSite(), layers.Flatten()),
+        layers.serial(layers.Dense(3), layers.Sigmoid(), layers.NoiseSite()),
     )
     dense = _dense_params([rng.normal(size=(i, o)) / np.sqrt(i) for i, o in ((6, 9), (9, 7), (7, 3))], [0.3 * rng.normal(size=o) for o in (9, 7, 3)])
     params = ((dense[0][0], (), ()), (dense[1][0], (), (), ()), (dense[2][0], (), ()))

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import _struct, checkpoint, layers, noise, rng, simulate
+from noisejax import _struct, layers, noise, rng, simulate
+from noisejax.study import files as study_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,13 +56,13 @@ def test_propagate_imports_no_flax_and_reuses_compiled_programs(files, tmp_path)
 
 
 def test_compilation_cache_can_be_switched_off(monkeypatch, tmp_path):
-    monkeypatch.setenv(checkpoint.COMPILATION_CACHE_ENV, "off")
-    assert checkpoint.compilation_cache_dir() is None
-    monkeypatch.setenv(checkpoint.COMPILATION_CACHE_ENV, str(tmp_path / "c"))
-    assert checkpoint.compilation_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv(checkpoint.COMPILATION_CACHE_ENV)
+    monkeypatch.setenv(study_files.COMPILATION_CACHE_ENV, "off")
+    assert study_files.compilation_cache_dir() is None
+    monkeypatch.setenv(study_files.COMPILATION_CACHE_ENV, str(tmp_path / "c"))
+    assert study_files.compilation_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(study_files.COMPILATION_CACHE_ENV)
     monkeypatch.setenv("NOISEJAX_CACHE", str(tmp_path / "nj"))
-    assert checkpoint.compilation_cache_dir() == tmp_path / "nj" / "jax-compilation"
+    assert study_files.compilation_cache_dir() == tmp_path / "nj" / "jax-compilation"
 
 
 def test_new_closure_with_the_same_structure_does_not_recompile():
@@ -113,6 +114,6 @@ def test_struct_dataclass_semantics():
 
 def test_struct_checkpoint_roundtrip(tmp_path):
     nz = noise.NeuronNoise(add_uncorrelated=0.5, correlated_axes=(0,))
-    path = checkpoint.save(tmp_path / "n.ckpt", nz)
-    back, _ = checkpoint.load(path, target=noise.NeuronNoise(add_uncorrelated=0.0, correlated_axes=(0,)))
+    path = study_files.save(tmp_path / "n.ckpt", nz)
+    back, _ = study_files.load(path, target=noise.NeuronNoise(add_uncorrelated=0.0, correlated_axes=(0,)))
     assert isinstance(back, noise.NeuronNoise) and float(back.add_uncorrelated) == 0.5 and back.correlated_axes == (0,)

@@ -17,7 +17,7 @@ def nets():
     widths = [5, 8, 3]
     plain = layers.mlp(widths, "tanh", "linear")
     local = layers.serial(
-        *[layers.serial(layers.WeightNoiseDense(w), layers.activation(a), layers.NeuronNoise())
+        *[layers.serial(layers.WeightNoiseDense(w), layers.activation(a), layers.NoiseSite())
           for w, a in zip(widths[1:], ["tanh", "linear"])]
     )
     _, params = plain.init(jax.random.key(0), (5,))
