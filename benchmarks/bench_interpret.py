@@ -36,7 +36,7 @@ import numpy as np
 
 import noisejax
 from noisejax import data, interpret, noise, rng, simulate
-from noisejax.models import CNN  # Flax's MNIST example, verbatim
+from noisejax.study.models import CNN  # Flax's MNIST example, verbatim
 
 
 def _kernels(path, leaf):

@@ -15,7 +15,9 @@ Cases
                    generator (threefry = JAX default, fast = noisejax.rng) and
                    noise set (AU only, all four types, correlated only)
   mc/<gen>/<noise> the same through ``simulate.monte_carlo`` (streamed statistics
-                   of every layer; tile 1000 so one tile = all realizations)
+                   of every layer, the engine's defaults: tiles of 64 realizations,
+                   8 streams); "engine / forward" is its ratio to <gen>/<noise>
+  mc-1tile/...     the engine with one tile of all R realizations (tile_size=R, streams=1)
   torch-loop/...   PyTorch, a Python loop over realizations (what users of
                    hardware-noise simulators write), if torch is installed
   torch-batched/.. PyTorch, all realizations in one batched pass
@@ -156,9 +158,9 @@ def main(argv=None):
         for name in ("AU", "all4"):
             nz = noise.NeuronNoise(**NOISES[name])
             one = lambda k, nz=nz: layers.apply_batch(net, params, X, key=k, noise=nz, return_layers=True)[1]
-            results[f"mc/{gen}/{name}"] = timeit(
-                lambda one=one: simulate.monte_carlo(one, key, R, tile_size=R, streams=1).var,
-                max(2, args.repeats // 2),
+            results[f"mc/{gen}/{name}"] = timeit(lambda one=one: simulate.monte_carlo(one, key, R).var, args.repeats)
+            results[f"mc-1tile/{gen}/{name}"] = timeit(
+                lambda one=one: simulate.monte_carlo(one, key, R, tile_size=R, streams=1).var, args.repeats
             )
     if not args.no_torch:
         W = [params[i][0]["W"] for i in range(3)]
@@ -172,6 +174,10 @@ def main(argv=None):
     print(f"{'case':<24} {'seconds':>9} {'x clean':>8} {'matmul TFLOP/s':>15}")
     for k, v in results.items():
         print(f"{k:<24} {v:>9.4f} {v / base:>8.2f} {flops / v / 1e12:>15.3f}")
+    for name in ("AU", "all4"):
+        fwd = results[f"fast/{name}"]
+        print(f"engine / bare vmapped noisy forward, {name}: {results[f'mc/fast/{name}'] / fwd:.2f} "
+              f"(one tile of R: {results[f'mc-1tile/fast/{name}'] / fwd:.2f})")
     for name in NOISES:
         if f"torch-loop/{name}" in results:
             print(f"speed-up of fast/{name} over torch-loop: {results[f'torch-loop/{name}'] / results[f'fast/{name}']:.2f}x")
@@ -183,6 +189,8 @@ def main(argv=None):
                     "device": str(jax.devices()[0].device_kind), "jax": jax.__version__},
         "realizations": R, "inputs": B, "repeats": args.repeats,
         "seconds": results, "ratio_to_clean": {k: v / base for k, v in results.items()},
+        "engine_over_forward": {name: results[f"mc/fast/{name}"] / results[f"fast/{name}"] for name in ("AU", "all4")},
+        "load_average": os.getloadavg(),
         "matmul_flops": flops, "tflops": {k: flops / v / 1e12 for k, v in results.items()},
     }
     path = os.path.join(args.out, f"mc_{backend}.json")

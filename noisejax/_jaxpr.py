@@ -40,7 +40,7 @@ __all__ = ["Site", "Op", "Program", "flatten", "mark", "mark_p", "SITE_KINDS"]
 SITE_KINDS = ("activation", "matmul", "marked")
 
 # ----------------------------------------------------------------------------------
-# The explicit site marker (used by noisejax.layers.NeuronNoise and by users)
+# The explicit site marker (used by noisejax.layers.NoiseSite and by users)
 # ----------------------------------------------------------------------------------
 
 mark_p = _xcore.Primitive("noisejax_site")
@@ -144,7 +144,7 @@ class Site:
         depend on which sites are selected); noise keys fold it in.
       kind: ``"activation"`` (output of an elementwise nonlinearity), ``"matmul"``
         (output of ``dot_general``/``conv_general_dilated``) or ``"marked"``
-        (:func:`mark`, e.g. :func:`noisejax.layers.NeuronNoise`).
+        (:func:`mark`, e.g. :func:`noisejax.layers.NoiseSite`).
       primitive: the activation's name (``relu``, ``gelu``, ``logistic``, ``tanh``...),
         ``dot_general``/``conv_general_dilated``, or the mark's tag.
       module: the Flax module path from JAX's name stack (``"CNN/Dense_0"``; ``""``

@@ -10,8 +10,12 @@ Sub-commands:
 * ``noisejax demo`` — train a small sigmoid MLP on scikit-learn's digits and print
   its per-layer noise table for the four noise types (``--save`` writes the network).
 * ``noisejax convert`` — a PyTorch ``state_dict`` (``.npz`` / ``.safetensors``) or Flax
-  params (msgpack) of dense layers into the ``WEIGHTS.npz`` format (:mod:`noisejax.convert`).
+  params (msgpack) of dense layers into the ``WEIGHTS.npz`` format (:mod:`noisejax.study.convert`).
 * ``noisejax reproduce`` — every figure of both papers (see ``experiments/``).
+* ``noisejax leaves PARAMS.npz`` — which arrays weight noise would perturb (the CLI has
+  no weight-noise run; this lists the default leaf filter's choice on, e.g., a PyTorch
+  ``state_dict`` saved with ``np.savez``).
+* ``noisejax selfcheck`` — does this backend compute noisejax's kernels right? (exit 1 if not)
 
 SNR is the one definition of :mod:`noisejax.snr` (layer summary
 ``10·log10(Σ mean² / Σ var)``).  Any user error prints one line on stderr and exits
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import json
 import math
 import os
@@ -51,7 +56,7 @@ _TORCH_HINT = "weights look like PyTorch's (out, in) layout: transpose them (W.T
 
 
 def _load_weights(path: str):
-    from noisejax import convert
+    from noisejax.study import convert
     from noisejax.errors import DataFormatError
 
     if not os.path.isfile(path):
@@ -359,54 +364,60 @@ def _settings_lines(st: dict) -> list[str]:
     ]
 
 
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling (or loading compiled programs).
+
+    Listens to JAX's monitoring spans of those three stages and adds up their union
+    (nested traces are not counted twice).
+    """
+
+    _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        from jax import monitoring
+
+        self.spans = []
+        self._listener = lambda event, start, end, **kw: self.spans.append((start, end)) if event in self._EVENTS else None
+        monitoring.register_event_time_span_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        from jax import monitoring
+
+        monitoring.unregister_event_time_span_listener(self._listener)
+
+    @property
+    def seconds(self) -> float:
+        total, end = 0.0, -math.inf
+        for a, b in sorted(self.spans):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
+
+
 def _propagate(args) -> int:
+    import time
+
+    t_start = time.perf_counter()
     import jax.numpy as jnp
 
-    from noisejax import layers, noise, rng, simulate
+    from noisejax import layers, noise, rng
     from noisejax import snr as snr_lib
 
     weights, biases = _load_weights(args.weights)
     x = _load_input(args.input, weights[0].shape[0], weights[0].shape[1])
     settings = _noise_settings(args)
-    ranges = {k: v for k, v in settings.items() if isinstance(v, _Range)}
-    if ranges and not args.sweep:
-        k, r = next(iter(ranges.items()))
-        raise _CliError(f"--{k.replace('_', '-')} {r.text} is a range: add --sweep DIR (the table, JSON and PNG of the sweep go there)")
-    if args.sweep and not ranges:
-        raise _CliError("--sweep needs a range START:STOP:N on a noise flag, e.g. --add-uncorrelated 1e-4:1e-1:10")
-    if len({len(r.values) for r in ranges.values()}) > 1:
-        raise _CliError("swept noise flags must have the same number of points N (they are swept together)")
-    if all(v is None or (not isinstance(v, _Range) and v == 0) for v in settings.values()):
-        _warn("all noise variances are 0: the statistics are those of the noise-free network (SNR = inf; a Monte "
-              "Carlo variance is float32 rounding); add e.g. --add-uncorrelated 1e-3")
+    ranges = _check_ranges(args, settings)
     net, params = layers.from_weights(weights, biases, args.activation, args.activation_out)
     key = rng.make_key(args.seed, args.rng)
     xj = jnp.asarray(x)
-    batched = x.ndim == 2
     st = _settings(args, weights, x)
     if ranges:
         return _sweep(args, st, net, params, xj, key, settings, ranges)
-    nz = noise.NeuronNoise(**settings)
-
-    per_layer = [{"index": l, "width": int(W.shape[1])} for l, W in enumerate(weights)]
-    if args.method in ("mc", "both"):
-        if batched:
-            fn = lambda k: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
-        else:
-            fn = lambda k: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
-        for l, (m, v) in enumerate(zip(res.mean, res.var)):
-            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
-            per_layer[l]["mc"] = {"mean": m, "var": v, "mean_stderr": np.sqrt(v / args.realizations),
-                                  **_layer_stats(m, v, args.realizations)}
-    if args.method in ("analytic", "both"):
-        from noisejax import moments
-
-        preds = moments.predict(net, params, xj, noise=nz, method=args.moment_method)
-        for l, p in enumerate(preds):
-            m, v = np.asarray(p.mean, np.float64), np.asarray(p.var, np.float64)
-            per_layer[l]["analytic"] = {"mean": m, "var": v, **_layer_stats(m, v)}
-
+    per_layer, compile_s = _propagate_stats(args, net, params, xj, key, noise.NeuronNoise(**settings),
+                                            [int(W.shape[1]) for W in weights])
     if args.json:
         out = {
             "noisejax_version": _package_version(),
@@ -419,6 +430,9 @@ def _propagate(args) -> int:
                  **{m: _layer_json(e[m]) for m in ("mc", "analytic") if m in e}}
                 for e in per_layer
             ],
+            # wall time of this command after start-up, and the part of the Monte Carlo run spent
+            # tracing and compiling (or loading compiled programs from the compilation cache)
+            "seconds": {"total": time.perf_counter() - t_start, "compile": compile_s},
         }
         json.dump(out, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
@@ -426,6 +440,60 @@ def _propagate(args) -> int:
         print("\n".join(_settings_lines(st)))
         print("\n".join(_propagate_table(per_layer)))
     return 0
+
+
+def _check_ranges(args, settings: dict) -> dict:
+    """The swept noise flags (``START:STOP:N``), checked against ``--sweep``; warns when every variance is 0."""
+    ranges = {k: v for k, v in settings.items() if isinstance(v, _Range)}
+    if ranges and not args.sweep:
+        k, r = next(iter(ranges.items()))
+        raise _CliError(f"--{k.replace('_', '-')} {r.text} is a range: add --sweep DIR (the table, JSON and PNG of the sweep go there)")
+    if args.sweep and not ranges:
+        raise _CliError("--sweep needs a range START:STOP:N on a noise flag, e.g. --add-uncorrelated 1e-4:1e-1:10")
+    if len({len(r.values) for r in ranges.values()}) > 1:
+        raise _CliError("swept noise flags must have the same number of points N (they are swept together)")
+    if all(v is None or (not isinstance(v, _Range) and v == 0) for v in settings.values()):
+        _warn("all noise variances are 0: the statistics are those of the noise-free network (SNR = inf; a Monte "
+              "Carlo variance is float32 rounding); add e.g. --add-uncorrelated 1e-3")
+    return ranges
+
+
+def _forward(net, params, xj):
+    """``(key, noise) -> per-layer outputs`` of one realization, for one input or a batch."""
+    from noisejax import layers
+
+    if xj.ndim == 2:
+        return lambda k, nz: layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
+    return lambda k, nz: net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
+
+
+def _propagate_stats(args, net, params, xj, key, nz, widths: list) -> tuple[list, Optional[float]]:
+    """Per-layer Monte Carlo and/or analytic statistics; the Monte Carlo run's compile seconds."""
+    import jax
+
+    from noisejax import simulate
+
+    per_layer = [{"index": l, "width": w} for l, w in enumerate(widths)]
+    compile_s = None
+    if args.method in ("mc", "both"):
+        forward = _forward(net, params, xj)
+        with _CompileClock() as clock:
+            res = simulate.monte_carlo(lambda k: forward(k, nz), key, args.realizations, chunk_size=args.chunk_size,
+                                       progress=args.progress)
+            jax.block_until_ready(res)
+        compile_s = clock.seconds
+        for l, (m, v) in enumerate(zip(res.mean, res.var)):
+            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
+            per_layer[l]["mc"] = {"mean": m, "var": v, "mean_stderr": np.sqrt(v / args.realizations),
+                                  **_layer_stats(m, v, args.realizations)}
+    if args.method in ("analytic", "both"):
+        from noisejax import moments
+
+        preds = moments.predict(net, params, xj, noise=nz, method=args.moment_method)
+        for l, p in enumerate(preds):
+            m, v = np.asarray(p.mean, np.float64), np.asarray(p.var, np.float64)
+            per_layer[l]["analytic"] = {"mean": m, "var": v, **_layer_stats(m, v)}
+    return per_layer, compile_s
 
 
 def _layer_json(e: dict) -> dict:
@@ -454,49 +522,11 @@ def _propagate_table(per_layer) -> list[str]:
 
 def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
     """SNR per layer at every point of the swept noise flags: table, JSON and PNG in ``args.sweep``."""
-    import jax
-
-    from noisejax import layers, noise, simulate
     from noisejax import snr as snr_lib
 
     n_points = len(next(iter(ranges.values())).values)
-
-    def column(v):
-        if isinstance(v, _Range):
-            return np.asarray(v.values, np.float32)
-        return None if v is None else np.full(n_points, v, np.float32)
-
-    stack = noise.NeuronNoise(**{k: column(v) for k, v in settings.items()})
-    batched = xj.ndim == 2
     n_layers = len(st["widths"]) - 1
-    result: dict[str, list] = {}
-    if args.method in ("mc", "both"):
-        def forward(k, nz):
-            if batched:
-                return layers.apply_batch(net, params, xj, key=k, noise=nz, return_layers=True)[1]
-            return net.apply(params, xj, key=k, noise=nz, return_layers=True)[1]
-
-        # the realization function vmaps over the intensities (same noise draws at every point)
-        fn = lambda k: jax.vmap(lambda nz: forward(k, nz))(stack)
-        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
-        result["mc"] = []
-        for m, v in zip(res.mean, res.var):
-            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
-            result["mc"].append(_layer_stats(m, v, args.realizations, axis=range(1, m.ndim)))
-    if args.method in ("analytic", "both"):
-        from noisejax import moments
-
-        per_point = []
-        for i in range(n_points):
-            nz = noise.NeuronNoise(**{k: (None if c is None else float(c[i])) for k, c in
-                                      ((k, column(v)) for k, v in settings.items())})
-            per_point.append(moments.predict(net, params, xj, noise=nz, method=args.moment_method))
-        result["analytic"] = []
-        for l in range(n_layers):
-            m = np.stack([np.asarray(p[l].mean, np.float64) for p in per_point])
-            v = np.stack([np.asarray(p[l].var, np.float64) for p in per_point])
-            result["analytic"].append(_layer_stats(m, v, axis=range(1, m.ndim)))
-
+    result = _sweep_stats(args, net, params, xj, key, settings, n_points, n_layers)
     swept = list(ranges)
     x_values = np.asarray(ranges[swept[0]].values)
     header = [f"{k} D" for k in swept]
@@ -528,15 +558,7 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
         ],
     }
     out_dir = args.sweep
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "sweep.txt"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-        _plot_sweep(os.path.join(out_dir, "sweep.png"), x_values, swept, result, st)
-    except OSError as e:
-        raise _CliError(f"--sweep {out_dir}: cannot write the results ({e.strerror or e})") from None
+    _write_sweep(out_dir, lines, doc, _sweep_figure(x_values, swept, result, st))
     if args.json:
         json.dump(doc, sys.stdout, allow_nan=False)
         sys.stdout.write("\n")
@@ -546,14 +568,66 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
     return 0
 
 
-def _plot_sweep(path: str, x_values, swept, result: dict, st: dict) -> None:
+def _sweep_stats(args, net, params, xj, key, settings: dict, n_points: int, n_layers: int) -> dict:
+    """Per-layer statistics ``{"mc"|"analytic": [layer stats over the points]}`` at every point of the sweep."""
+    import jax
+
+    from noisejax import noise, simulate
+
+    def column(v):
+        if isinstance(v, _Range):
+            return np.asarray(v.values, np.float32)
+        return None if v is None else np.full(n_points, v, np.float32)
+
+    result: dict[str, list] = {}
+    if args.method in ("mc", "both"):
+        stack = noise.NeuronNoise(**{k: column(v) for k, v in settings.items()})
+        forward = _forward(net, params, xj)
+        # the realization function vmaps over the intensities (same noise draws at every point)
+        fn = lambda k: jax.vmap(lambda nz: forward(k, nz))(stack)  # noqa: E731
+        res = simulate.monte_carlo(fn, key, args.realizations, chunk_size=args.chunk_size, progress=args.progress)
+        result["mc"] = []
+        for m, v in zip(res.mean, res.var):
+            m, v = np.asarray(m, np.float64), np.asarray(v, np.float64)
+            result["mc"].append(_layer_stats(m, v, args.realizations, axis=range(1, m.ndim)))
+    if args.method in ("analytic", "both"):
+        from noisejax import moments
+
+        per_point = []
+        for i in range(n_points):
+            nz = noise.NeuronNoise(**{k: (None if c is None else float(c[i])) for k, c in
+                                      ((k, column(v)) for k, v in settings.items())})
+            per_point.append(moments.predict(net, params, xj, noise=nz, method=args.moment_method))
+        result["analytic"] = []
+        for l in range(n_layers):
+            m = np.stack([np.asarray(p[l].mean, np.float64) for p in per_point])
+            v = np.stack([np.asarray(p[l].var, np.float64) for p in per_point])
+            result["analytic"].append(_layer_stats(m, v, axis=range(1, m.ndim)))
+    return result
+
+
+def _write_sweep(out_dir: str, lines: list, doc: dict, fig) -> None:
+    """``sweep.txt``, ``sweep.json`` and ``sweep.png`` in ``out_dir``, atomically (:mod:`noisejax.study.files`)."""
+    from noisejax.errors import NoisejaxError
+    from noisejax.study import files
+    from noisejax.study.plots import png_bytes
+
+    try:
+        files.atomic_write_bytes(os.path.join(out_dir, "sweep.txt"), ("\n".join(lines) + "\n").encode())
+        files.atomic_write_json(os.path.join(out_dir, "sweep.json"), doc)
+        files.atomic_write_bytes(os.path.join(out_dir, "sweep.png"), png_bytes(fig))
+    except (OSError, NoisejaxError) as e:
+        raise _CliError(f"--sweep {out_dir}: cannot write the results ({getattr(e, 'strerror', None) or e})") from None
+
+
+def _sweep_figure(x_values, swept, result: dict, st: dict):
+    """Layer SNR vs the swept noise variance: a Matplotlib figure (no pyplot state)."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     n_layers = len(st["widths"]) - 1
     for l in range(n_layers):
         c = colors[l % len(colors)]
@@ -575,8 +649,7 @@ def _plot_sweep(path: str, x_values, swept, result: dict, st: dict) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------------
@@ -592,7 +665,9 @@ def _demo(args) -> int:
     import jax.numpy as jnp
     import optax
 
-    from noisejax import convert, data, layers, models, moments, noise, rng, simulate, train
+    from noisejax import data, layers, moments, noise, rng, simulate, train
+    from noisejax.errors import NoisejaxError
+    from noisejax.study import convert, files
 
     ds = data.load_digits(seed=args.seed)
     net = layers.mlp(list(_DEMO_WIDTHS), "sigmoid")
@@ -601,7 +676,7 @@ def _demo(args) -> int:
     fit = train.train_plain(net, params, ds.x_train, ds.y_train, key=jax.random.key(args.seed + 2),
                             optimizer=optax.adam(3e-3), steps=steps, batch_size=64)
     params = fit.params
-    acc = float(models.accuracy(layers.apply_batch(net, params, jnp.asarray(ds.x_test)), jnp.asarray(ds.y_test)))
+    acc = float(train.accuracy(layers.apply_batch(net, params, jnp.asarray(ds.x_test)), jnp.asarray(ds.y_test)))
     arch = "-".join(map(str, _DEMO_WIDTHS))
     print(f"sigmoid MLP {arch} on scikit-learn digits, {steps} Adam steps: clean test accuracy {acc:.3f}")
 
@@ -630,10 +705,11 @@ def _demo(args) -> int:
         try:
             convert.save_dense(args.save, weights, biases)
             if args.save_inputs:
-                with open(args.save_inputs, "wb") as f:
-                    np.save(f, np.asarray(x, np.float32))
-        except OSError as e:
-            raise _CliError(f"--save {args.save}: cannot write ({e.strerror or e})") from None
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(x, np.float32))
+                files.atomic_write_bytes(args.save_inputs, buf.getvalue())
+        except (OSError, NoisejaxError) as e:
+            raise _CliError(f"--save {args.save}: cannot write ({getattr(e, 'strerror', None) or e})") from None
         inputs = args.save_inputs or "X.npy"
         print(f"saved the trained network to {args.save}" + (f" and its {x.shape[0]} test inputs to {args.save_inputs}" if args.save_inputs else ""))
         print(f"next: noisejax propagate {args.save} --input {inputs} --activation sigmoid --add-uncorrelated {d:g} --method both")
@@ -646,7 +722,7 @@ def _demo(args) -> int:
 
 
 def _convert(args) -> int:
-    from noisejax import convert
+    from noisejax.study import convert
 
     src = args.source
     if not os.path.isfile(src):
@@ -673,8 +749,8 @@ def _convert(args) -> int:
         raise _CliError(msg if msg.startswith(src) else f"SOURCE {src}: {msg}") from None
     try:
         convert.save_dense(args.out, weights, biases)
-    except OSError as e:
-        raise _CliError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
+    except (OSError, NoisejaxError) as e:
+        raise _CliError(f"--out {args.out}: cannot write ({getattr(e, 'strerror', None) or e})") from None
     widths = [weights[0].shape[0]] + [W.shape[1] for W in weights]
     nb = sum(b is not None for b in biases)
     print(f"converted {len(weights)} dense layers ({'-'.join(map(str, widths))}, {nb} biases) from a {what} "
@@ -683,7 +759,7 @@ def _convert(args) -> int:
 
 
 def _read_dense(src: str, kind: str, layers_):
-    from noisejax import convert
+    from noisejax.study import convert
 
     if kind == "torch":
         if src.endswith(".safetensors"):
@@ -701,13 +777,59 @@ def _read_dense(src: str, kind: str, layers_):
 
 
 # ----------------------------------------------------------------------------------
+# leaves (what weight noise perturbs) and selfcheck
+# ----------------------------------------------------------------------------------
+
+
+def _print_leaf_selection(rows, out=None) -> None:
+    """Print :func:`noisejax.noise.selected_leaves` rows as a table and a one-line summary."""
+    out = out or sys.stdout
+    width = max([len(r.name) for r in rows] + [4])
+    print(f"{'leaf':<{width}}  {'shape':<18} {'dtype':<8} {'noise':<5} skipped because", file=out)
+    for r in rows:
+        print(f"{r.name:<{width}}  {str(r.shape):<18} {r.dtype:<8} {'yes' if r.selected else 'no':<5} {r.reason}", file=out)
+    chosen = [r for r in rows if r.selected]
+    values = sum(int(np.prod(r.shape)) for r in chosen)
+    total = sum(int(np.prod(r.shape)) for r in rows)
+    print(f"weight noise perturbs {len(chosen)} of {len(rows)} leaves ({values} of {total} values)", file=out)
+
+
+def _leaves(args) -> int:
+    from noisejax import noise
+
+    if not os.path.isfile(args.params):
+        raise _CliError(f"PARAMS file not found: {args.params}")
+    try:
+        with np.load(args.params, allow_pickle=False) as z:
+            tree = {k: np.asarray(z[k]) for k in z.files}
+    except Exception as e:
+        raise _CliError(f"PARAMS {args.params}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    filt = noise.state_dict_leaf_filter(tree) if args.filter == "state-dict" else noise.default_leaf_filter
+    _print_leaf_selection(noise.selected_leaves(tree, filt))
+    return 0
+
+
+def _selfcheck(args) -> int:
+    from noisejax import selfcheck
+
+    only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
+    report = selfcheck.run(only)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(selfcheck.format_table(report))
+    return 0 if report.ok else 1
+
+
+# ----------------------------------------------------------------------------------
 # reproduce
 # ----------------------------------------------------------------------------------
 
 
 def _reproduce(args) -> int:
     try:
-        from noisejax import reproduce
+        from noisejax.study import reproduce
     except ImportError:
         raise _CliError("noisejax reproduce is not available in this version; run `noisejax demo`") from None
     return reproduce.main(args)
@@ -725,38 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("propagate", help="per-layer noise statistics of given weights", formatter_class=fmt,
-                       description="Per-layer mean, noise variance and SNR of a dense network under neuron noise "
-                                   "(Monte Carlo and/or analytic).  SNR = 10 log10(sum mean^2 / sum var) per layer.")
-    p.add_argument("weights", metavar="WEIGHTS.npz",
-                   help="W0, b0, W1, b1, ... with W_l of shape (fan_in, fan_out) (see `noisejax convert`)")
-    p.add_argument("--input", required=True, metavar="X.npy", help="one input (fan_in,) or a batch (B, fan_in)")
-    p.add_argument("--activation", required=True, type=_activation_arg, metavar="NAME",
-                   help="linear, linear:SLOPE, sigmoid, tanh, relu or erf")
-    p.add_argument("--activation-out", type=_activation_arg, default=None, metavar="NAME",
-                   help="activation of the last layer (default: --activation)")
-    for flag in _NOISE_FLAGS:
-        p.add_argument(f"--{flag}", type=_noise_arg(f"--{flag}"), default=None, metavar="D",
-                       help=f"{flag.replace('add-', 'additive ').replace('mul-', 'multiplicative ')} noise "
-                            "variance D at every layer (default: 0); "
-                            "START:STOP:N sweeps N log-spaced values (needs --sweep)")
-    p.add_argument("--sweep", default=None, metavar="DIR",
-                   help="folder for a sweep's table (sweep.txt), JSON (sweep.json) and plot (sweep.png)")
-    p.add_argument("--realizations", type=_int_arg("--realizations", 2), default=10_000, metavar="N",
-                   help="Monte Carlo realizations")
-    p.add_argument("--chunk-size", type=_int_arg("--chunk-size", 1), default=None, metavar="C",
-                   help="realizations per compiled call (results do not depend on it)")
-    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed")
-    p.add_argument("--method", choices=("mc", "analytic", "both"), default="mc",
-                   help="Monte Carlo, analytic moment propagation, or both")
-    p.add_argument("--moment-method", choices=("linearized", "gaussian"), default="gaussian",
-                   help="analytic method: first order, or Gaussian moment matching")
-    p.add_argument("--rng", choices=("fast", "threefry", "rbg"), default="fast",
-                   help="PRNG: noisejax's fast counter-based generator or JAX's threefry / rbg")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
-    p.set_defaults(func=_propagate)
-
+    _add_propagate(sub, fmt)
     d = sub.add_parser("demo", help="train a sigmoid MLP on digits and print its per-layer noise table",
                        formatter_class=fmt)
     d.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed (data split, init, noise)")
@@ -791,7 +882,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="recompute finished experiments")
     r.add_argument("--data-dir", default=None, help="folder with real MNIST / CIFAR-10 files")
     r.set_defaults(func=_reproduce)
+
+    lv = sub.add_parser("leaves", help="list which arrays of a .npz weight noise would perturb")
+    lv.add_argument("params", metavar="PARAMS.npz", help="named arrays, e.g. a PyTorch state_dict saved with np.savez")
+    lv.add_argument("--filter", choices=("default", "state-dict"), default="default",
+                    help="default: names only; state-dict: also modules with running statistics or a 1-D weight")
+    lv.set_defaults(func=_leaves)
+
+    sc = sub.add_parser("selfcheck", help="check that this backend computes noisejax's kernels right (exit 1 if not)")
+    sc.add_argument("--only", default=None, metavar="NAMES", help="comma-separated check names (default: all)")
+    sc.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sc.set_defaults(func=_selfcheck)
     return parser
+
+
+def _add_propagate(sub, fmt) -> None:
+    """The ``propagate`` subcommand's arguments."""
+    p = sub.add_parser("propagate", help="per-layer noise statistics of given weights", formatter_class=fmt,
+                       description="Per-layer mean, noise variance and SNR of a dense network under neuron noise "
+                                   "(Monte Carlo and/or analytic).  SNR = 10 log10(sum mean^2 / sum var) per layer.")
+    p.add_argument("weights", metavar="WEIGHTS.npz",
+                   help="W0, b0, W1, b1, ... with W_l of shape (fan_in, fan_out) (see `noisejax convert`)")
+    p.add_argument("--input", required=True, metavar="X.npy", help="one input (fan_in,) or a batch (B, fan_in)")
+    p.add_argument("--activation", required=True, type=_activation_arg, metavar="NAME",
+                   help="linear, linear:SLOPE, sigmoid, tanh, relu or erf")
+    p.add_argument("--activation-out", type=_activation_arg, default=None, metavar="NAME",
+                   help="activation of the last layer (default: --activation)")
+    for flag in _NOISE_FLAGS:
+        p.add_argument(f"--{flag}", type=_noise_arg(f"--{flag}"), default=None, metavar="D",
+                       help=f"{flag.replace('add-', 'additive ').replace('mul-', 'multiplicative ')} noise "
+                            "variance D at every layer (default: 0); "
+                            "START:STOP:N sweeps N log-spaced values (needs --sweep)")
+    p.add_argument("--sweep", default=None, metavar="DIR",
+                   help="folder for a sweep's table (sweep.txt), JSON (sweep.json) and plot (sweep.png)")
+    p.add_argument("--realizations", type=_int_arg("--realizations", 2), default=10_000, metavar="N",
+                   help="Monte Carlo realizations")
+    p.add_argument("--chunk-size", type=_int_arg("--chunk-size", 1), default=None, metavar="C",
+                   help="realizations per compiled call (results do not depend on it)")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, metavar="S", help="PRNG seed")
+    p.add_argument("--method", choices=("mc", "analytic", "both"), default="mc",
+                   help="Monte Carlo, analytic moment propagation, or both")
+    p.add_argument("--moment-method", choices=("linearized", "gaussian"), default="gaussian",
+                   help="analytic method: first order, or Gaussian moment matching")
+    p.add_argument("--rng", choices=("fast", "threefry", "rbg"), default="fast",
+                   help="PRNG: noisejax's fast counter-based generator or JAX's threefry / rbg")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.set_defaults(func=_propagate)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -804,6 +941,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
+        if args.command in ("propagate", "demo", "reproduce"):
+            from noisejax.study import files
+
+            files.enable_compilation_cache()  # compiled programs are reused by the next run
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

@@ -1,7 +1,10 @@
 """Denoisers for noisy weights ``w̃ = w + n``, ``n ~ N(0, σ_n²)`` (Shao, Liew & Gündüz 2023).
 
-Every estimator maps a *noisy parameter pytree* and the *known noise power* to a
-denoised pytree.  A leaf filter chooses the leaves (default
+Every estimator is ONE frozen dataclass pytree with one call,
+``est(noisy, noise_power, *, wnr_db=None) -> denoised``: it maps a *noisy parameter
+pytree* and the *known noise power* to a denoised pytree.  Its parameters (``lam``,
+``beta``, learned coefficients) are pytree leaves, so a grid of estimators is one
+``vmap``; :func:`estimator` builds one by name.  A leaf filter chooses the leaves (default
 :func:`noisejax.noise.default_leaf_filter`: normalization parameters and
 ``batch_stats`` are left untouched, as they are sent noise-free).  The noise power
 is a scalar or the per-leaf tree returned by :func:`noisejax.noise.noise_power`
@@ -11,15 +14,22 @@ whole leaf (a "layer", default) or, with ``per_channel=True``, each output chann
 
 Estimators (per group ``g``, ``σ²`` its noise power):
 
-* :func:`ml` — maximum likelihood, ``ŵ = w̃``.
-* :func:`mmse` — Gaussian prior ``N(μ_g, σ_g²)``: ``ŵ = μ_g + η/(η+1)·(w̃ − μ_g)``,
+* :class:`ML` — maximum likelihood, ``ŵ = w̃``.
+* :class:`MMSE` — Gaussian prior ``N(μ_g, σ_g²)``: ``ŵ = μ_g + η/(η+1)·(w̃ − μ_g)``,
   ``η = σ_g²/σ²``.  Without side information ``μ_g = mean(w̃_g)`` and
   ``σ_g² = max(var(w̃_g) − σ², 0)``; with ``prior=clean_prior(clean)`` the clean
   weights' statistics are used.
-* :func:`compensated` — the authors' compensated estimator ("MMSE_pb"):
+* :class:`CompensatedMMSE` — the authors' compensated estimator ("MMSE_pb"):
   ``θ = η/(η+1−λ')``, ``ρ = σ_g²·β/(η+1−λ')``, ``ŵ = θ·w̃ + ρ``; ``(λ'=1, β=0)`` is ML
   exactly.  ``λ'`` and ``β`` are pytree leaves, so a grid is a ``vmap``
   (:func:`compensated_grid`).
+* :class:`MMSEpb` — the authors' compensated MMSE exactly as published (their NoisyNN
+  code): one *global* signal variance ``σ_W²`` (the clean weights' variance over all
+  selected leaves, :func:`global_signal_var` — side information, one number), ``η = σ_W²/σ²``,
+  ``c = η/(η+1−λ')``, ``d = σ_W²·β/(η+1−λ')``, ``ŵ = c·w̃ + d`` for every (λ', β): no
+  fallback, so ``c`` and ``d`` change sign where ``η+1−λ' < 0`` (low WNR, λ' > 1).
+  :class:`CompensatedMMSE` with ``prior=Prior(var=σ_W² on every leaf)`` equals it wherever
+  ``η+1−λ' > 0``; see :class:`MMSEpb` for the differences.
 * :class:`LearnedDenoiser` — a WNR-conditioned affine map per group, trained with
   optax on the expected loss of the denoised network (:func:`train_learned`)::
 
@@ -46,11 +56,11 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   The blind counterpart (``init_learned(..., common_mode=True)``) needs no clean
   number: the components ``c̃_j = û·w̃_j`` are shrunk towards their layer mean with
   the Gaussian-prior MMSE gain estimated across the ``C`` channels, raised to a
-  learned WNR-conditioned exponent (see :func:`common_mode`)::
+  learned WNR-conditioned exponent (see :class:`CommonModeMMSE`)::
 
       ĉ_j = mean(c̃) + g^(e_0 + e_1·τ)·(c̃_j − mean(c̃)),   g = max(var(c̃) − σ², 0)/var(c̃)
 
-* :func:`common_mode` — that blind common-mode MMSE alone (direction ``1/√F`` or
+* :class:`CommonModeMMSE` — that blind common-mode MMSE alone (direction ``1/√F`` or
   given), with no learned coefficient.  Noise along a unit direction has variance
   ``σ²`` whatever the direction, while trained layers fed by non-negative inputs
   have similar mean pre-activations across neurons, so the common mode is where
@@ -60,15 +70,13 @@ Estimators (per group ``g``, ``σ²`` its noise power):
   :func:`noisejax.flax.recalibrate_batch_stats`): the noise-free normalization
   re-centres and re-scales each channel the noise has moved.
 
-Frozen dataclass pytrees wrap them with a common call ``est(noisy, noise_power,
-wnr_db=...)``; :func:`estimator` looks one up by name.
 
 Example::
 
     >>> from noisejax import denoise, noise
     >>> pw = noise.noise_power(params, 0.0)
     >>> noisy = noise.add_weight_noise(params, 0.0, key=jax.random.key(0))
-    >>> hat = denoise.mmse(noisy, pw)
+    >>> hat = denoise.MMSE()(noisy, pw)
     >>> grid = denoise.compensated_grid([0.5, 1.0], [-1.0, 0.0])   # 4 (λ', β) points
     >>> outs = jax.vmap(lambda e: e(noisy, pw))(grid)               # leaves gain a leading 4
 """
@@ -76,31 +84,30 @@ Example::
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax import noise as _noise
+from noisejax import train as _train
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 __all__ = [
     "Prior",
     "clean_prior",
     "group_stats",
-    "ml",
-    "mmse",
-    "compensated",
     "ML",
     "MMSE",
     "CompensatedMMSE",
     "compensated_grid",
-    "common_mode",
+    "global_signal_var",
+    "MMSEpb",
+    "mmse_pb_grid",
     "CommonModeMMSE",
     "Recalibrated",
     "LearnedDenoiser",
@@ -137,7 +144,7 @@ def group_stats(w: Array, *, per_channel: bool = False) -> tuple[Array, Array]:
     return jnp.mean(w, axis=axes, keepdims=True), jnp.var(w, axis=axes, keepdims=True)
 
 
-def _flatten_power(params: PyTree, noise_power: Any, treedef) -> list:
+def _flatten_power(noise_power: Any, treedef) -> list:
     """Per-leaf noise power list (``None`` = skip) from a scalar or a noise_power tree."""
     if noise_power is None:
         raise InvalidArgumentError("noise_power must be a scalar or a tree from noise.noise_power, got None")
@@ -159,7 +166,7 @@ def _map_groups(
 ) -> PyTree:
     """Apply ``fn(leaf, power, *extra_leaves, index)`` to selected leaves, keep the others."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(noisy)
-    powers = _flatten_power(noisy, noise_power, treedef)
+    powers = _flatten_power(noise_power, treedef)
     extra_leaves = [treedef.flatten_up_to(t) if t is not None else [None] * len(powers) for t in extra]
     out = []
     for k, ((path, leaf), p) in enumerate(zip(leaves_with_path, powers)):
@@ -192,7 +199,7 @@ class Prior:
 def clean_prior(
     clean: PyTree, *, per_channel: bool = False, leaf_filter: LeafFilter = _noise.default_leaf_filter
 ) -> Prior:
-    """Side information for :func:`mmse` / :func:`compensated`: the clean weights' mean and variance per group."""
+    """Side information for :class:`MMSE` / :class:`CompensatedMMSE`: the clean weights' mean and variance per group."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(clean)
     means, variances = [], []
     for path, leaf in leaves_with_path:
@@ -208,7 +215,7 @@ def clean_prior(
     )
 
 
-def _prior_leaves(prior: Optional[Prior], treedef, per_channel: bool):
+def _prior_leaves(prior: Optional[Prior], per_channel: bool):
     if prior is None:
         return None, None
     if prior.per_channel != per_channel:
@@ -225,87 +232,13 @@ def _noisy_stats(w: Array, p: Array, per_channel: bool) -> tuple[Array, Array]:
 
 
 # ----------------------------------------------------------------------------------
-# closed-form estimators
-# ----------------------------------------------------------------------------------
-
-
-def ml(noisy: PyTree, noise_power: Any = None, **_: Any) -> PyTree:
-    """Maximum likelihood: ``ŵ = w̃`` (returns ``noisy`` itself)."""
-    return noisy
-
-
-def mmse(
-    noisy: PyTree,
-    noise_power: Any,
-    *,
-    prior: Optional[Prior] = None,
-    per_channel: bool = False,
-    leaf_filter: LeafFilter = _noise.default_leaf_filter,
-) -> PyTree:
-    """Posterior mean under a Gaussian prior per group: ``ŵ = μ + σ_w²/(σ_w²+σ²)·(w̃ − μ)``.
-
-    Args:
-      noisy: parameter pytree ``w̃``.
-      noise_power: σ² (scalar, or per-leaf tree from :func:`noisejax.noise.noise_power`).
-      prior: ``None`` estimates ``μ = mean(w̃)``, ``σ_w² = max(var(w̃) − σ², 0)`` from the
-        noisy weights; a :class:`Prior` (:func:`clean_prior`) supplies clean statistics.
-      per_channel: statistics per output channel instead of per leaf.
-      leaf_filter: which leaves to denoise.
-    """
-    mean_tree, var_tree = _prior_leaves(prior, None, per_channel)
-
-    def fn(w, p, m, v, _k):
-        if m is None:
-            m, v = _noisy_stats(w, p, per_channel)
-        theta = _safe_div(v, v + p)
-        theta = jnp.where(p > 0, theta, 1.0)
-        return (m + theta * (w - m)).astype(w.dtype)
-
-    return _map_groups(fn, noisy, noise_power, leaf_filter, mean_tree, var_tree)
-
-
-def compensated(
-    noisy: PyTree,
-    noise_power: Any,
-    *,
-    lam: Array = 1.0,
-    beta: Array = 0.0,
-    prior: Optional[Prior] = None,
-    per_channel: bool = False,
-    leaf_filter: LeafFilter = _noise.default_leaf_filter,
-) -> PyTree:
-    """The authors' compensated MMSE: ``ŵ = θ·w̃ + ρ``, ``θ = η/(η+1−λ')``, ``ρ = σ_w²·β/(η+1−λ')``.
-
-    ``η = σ_w²/σ²`` per group, ``σ_w²`` estimated as in :func:`mmse` (or from ``prior``).
-    ``λ'=1, β=0`` gives ``θ = 1, ρ = 0`` — ML, bit for bit.  Where ``η + 1 − λ' <= 0``
-    (or σ² = 0) the limit ``λ' → 1`` is used: ``θ = 1``, ``ρ = β·σ²``.
-    """
-    _validate.check_real_number("lam", lam)
-    _validate.check_real_number("beta", beta)
-    _, var_tree = _prior_leaves(prior, None, per_channel)
-
-    def fn(w, p, v, _k):
-        if v is None:
-            _, v = _noisy_stats(w, p, per_channel)
-        lam_, beta_ = jnp.asarray(lam, w.dtype), jnp.asarray(beta, w.dtype)
-        eta = _safe_div(v, p)
-        denom = eta + (1.0 - lam_)  # (1 - λ') first: λ' = 1 gives θ = η/η = 1 exactly
-        ok = (denom > 0) & (p > 0)
-        theta = jnp.where(ok, _safe_div(eta, denom), 1.0)
-        rho = jnp.where(ok, _safe_div(v * beta_, denom), beta_ * p)
-        return (theta * w + rho).astype(w.dtype)
-
-    return _map_groups(fn, noisy, noise_power, leaf_filter, var_tree)
-
-
-# ----------------------------------------------------------------------------------
-# estimator objects
+# closed-form estimators (one frozen dataclass each, called as est(noisy, noise_power, wnr_db=...))
 # ----------------------------------------------------------------------------------
 
 
 @struct.dataclass
 class ML:
-    """Maximum likelihood (identity).  ``ML()(noisy, noise_power) is noisy``."""
+    """Maximum likelihood: ``ŵ = w̃`` (``ML()(noisy, noise_power) is noisy``)."""
 
     name: str = struct.field(pytree_node=False, default="ml")
 
@@ -315,7 +248,21 @@ class ML:
 
 @struct.dataclass
 class MMSE:
-    """Gaussian-prior MMSE (:func:`mmse`); ``prior=None`` means no side information."""
+    """Posterior mean under a Gaussian prior per group: ``ŵ = μ + σ_w²/(σ_w²+σ²)·(w̃ − μ)``.
+
+    ``MMSE(prior=None, per_channel=False, leaf_filter=...)(noisy, noise_power)``.
+
+    Attributes:
+      prior: ``None`` estimates ``μ = mean(w̃)``, ``σ_w² = max(var(w̃) − σ², 0)`` from the
+        noisy weights (no side information); a :class:`Prior` (:func:`clean_prior`)
+        supplies the clean statistics.
+      per_channel: statistics per output channel instead of per leaf.
+      leaf_filter: which leaves to denoise.
+
+    Example::
+
+        >>> hat = denoise.MMSE()(noisy, noise.noise_power(params, 0.0))
+    """
 
     prior: Optional[Prior] = None
     per_channel: bool = struct.field(pytree_node=False, default=False)
@@ -323,12 +270,38 @@ class MMSE:
     name: str = struct.field(pytree_node=False, default="mmse")
 
     def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
-        return mmse(noisy, noise_power, prior=self.prior, per_channel=self.per_channel, leaf_filter=self.leaf_filter)
+        mean_tree, var_tree = _prior_leaves(self.prior, self.per_channel)
+
+        def fn(w, p, m, v, _k):
+            if m is None:
+                m, v = _noisy_stats(w, p, self.per_channel)
+            theta = _safe_div(v, v + p)
+            theta = jnp.where(p > 0, theta, 1.0)
+            return (m + theta * (w - m)).astype(w.dtype)
+
+        return _map_groups(fn, noisy, noise_power, self.leaf_filter, mean_tree, var_tree)
+
+
+def _as_float_leaf(owner: str, field: str, value: Any, check=_validate.check_real_number) -> Any:
+    check(f"{owner}.{field}", value)
+    if isinstance(value, (int, float, np.ndarray, np.number)):
+        return jnp.asarray(value, jnp.result_type(float))
+    return value
 
 
 @struct.dataclass
 class CompensatedMMSE:
-    """Compensated MMSE (:func:`compensated`); ``lam`` and ``beta`` are leaves (vmap a grid)."""
+    """The authors' compensated MMSE: ``ŵ = θ·w̃ + ρ``, ``θ = η/(η+1−λ')``, ``ρ = σ_w²·β/(η+1−λ')``.
+
+    ``η = σ_w²/σ²`` per group, ``σ_w²`` estimated as in :class:`MMSE` (or from ``prior``).
+    ``λ'=1, β=0`` gives ``θ = 1, ρ = 0`` — ML, bit for bit.  Where ``η + 1 − λ' <= 0``
+    (or σ² = 0) the limit ``λ' → 1`` is used: ``θ = 1``, ``ρ = β·σ²``.  ``lam`` and
+    ``beta`` are pytree leaves: a grid (:func:`compensated_grid`) is a ``vmap``.
+
+    Example::
+
+        >>> hat = denoise.CompensatedMMSE(lam=0.9, beta=-0.5)(noisy, pw)
+    """
 
     lam: Array = 1.0
     beta: Array = 0.0
@@ -339,21 +312,131 @@ class CompensatedMMSE:
 
     def __post_init__(self):
         for field in ("lam", "beta"):
-            value = getattr(self, field)
-            _validate.check_real_number(f"CompensatedMMSE.{field}", value)
-            if isinstance(value, (int, float, np.ndarray, np.number)):
-                object.__setattr__(self, field, jnp.asarray(value, jnp.result_type(float)))
+            object.__setattr__(self, field, _as_float_leaf("CompensatedMMSE", field, getattr(self, field)))
 
     def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
-        return compensated(
-            noisy,
-            noise_power,
-            lam=self.lam,
-            beta=self.beta,
-            prior=self.prior,
-            per_channel=self.per_channel,
-            leaf_filter=self.leaf_filter,
-        )
+        _, var_tree = _prior_leaves(self.prior, self.per_channel)
+
+        def fn(w, p, v, _k):
+            if v is None:
+                _, v = _noisy_stats(w, p, self.per_channel)
+            lam_, beta_ = jnp.asarray(self.lam, w.dtype), jnp.asarray(self.beta, w.dtype)
+            eta = _safe_div(v, p)
+            denom = eta + (1.0 - lam_)  # (1 - λ') first: λ' = 1 gives θ = η/η = 1 exactly
+            ok = (denom > 0) & (p > 0)
+            theta = jnp.where(ok, _safe_div(eta, denom), 1.0)
+            rho = jnp.where(ok, _safe_div(v * beta_, denom), beta_ * p)
+            return (theta * w + rho).astype(w.dtype)
+
+        return _map_groups(fn, noisy, noise_power, self.leaf_filter, var_tree)
+
+
+def global_signal_var(clean: PyTree, *, leaf_filter: LeafFilter = _noise.default_leaf_filter) -> Array:
+    """The authors' signal variance: the variance of all selected clean leaves concatenated.
+
+    ``σ_W² = mean((w − w̄)²)`` over every entry of every leaf ``leaf_filter`` selects
+    (population variance; with ``N`` entries it differs from the unbiased one by
+    ``1/N``, below 10⁻⁴ relative for any network with 10⁴ weights).  This is one
+    number of side information (a statistic of the clean weights), the ``var_W`` of
+    the authors' code; use it as ``signal_var`` of :class:`MMSEpb`.  Their noise
+    power is ``noise.noise_power(clean, wnr_db, reference="power", scope="global")``.
+
+    Example::
+
+        >>> sv = denoise.global_signal_var(params)
+        >>> pw = noise.noise_power(params, -15.0, reference="power", scope="global")
+        >>> hat = denoise.MMSEpb(lam=1.2, beta=-0.5, signal_var=sv)(noisy, pw)
+    """
+    leaves, mask, _ = _noise._selected(clean, leaf_filter)
+    chosen = [jnp.asarray(leaf) for leaf, m in zip(leaves, mask) if m]
+    if not chosen:
+        raise InvalidArgumentError("leaf_filter selected no leaf of clean; no signal variance to compute")
+    return _noise._reference_power(chosen, "variance")
+
+
+@struct.dataclass
+class MMSEpb:
+    """The authors' compensated MMSE ("MMSE_pb") exactly as published (their NoisyNN code), on every selected leaf::
+
+        η = σ_W²/σ²,   c = η/(η + 1 − λ'),   d = σ_W²·β/(η + 1 − λ'),   ŵ = c·w̃ + d
+
+    Attributes:
+      lam, beta: λ' and β (pytree leaves, so a grid vmaps: :func:`mmse_pb_grid`).
+      signal_var: σ_W², ONE scalar for the whole model (:func:`global_signal_var` of the
+        clean weights, in the authors' setting).
+      leaf_filter: which leaves to denoise.
+
+    The noise power σ² is a scalar or the per-leaf tree of :func:`noisejax.noise.noise_power`
+    (``None`` leaves are skipped; the authors use one global σ²).  Applied as is for every
+    (λ', β): where ``η + 1 − λ' < 0`` (λ' > 1 at low WNR; with zero-mean weights and the
+    authors' power reference, below about −12 dB for λ' ≈ 1.06) ``c`` and ``d`` flip sign,
+    and ``η + 1 = λ'`` divides by zero (inf/NaN), as in the published formula.
+    ``λ' = 1, β = 0`` gives ``c = 1, d = 0`` (ML).
+
+    Compared with :class:`CompensatedMMSE` (noisejax's default):
+
+    * signal variance — :class:`CompensatedMMSE` uses ``σ_w²`` *per leaf*, estimated from
+      the noisy weights (``max(var(w̃) − σ², 0)``, no side information) unless a
+      :class:`Prior` is given; ``MMSEpb`` one global clean-weight variance;
+    * ``η + 1 − λ' ≤ 0`` — :class:`CompensatedMMSE` falls back to the ``λ' → 1`` limit
+      ``θ = 1, ρ = β·σ²``; ``MMSEpb`` keeps the formula (sign flip).
+
+    ``CompensatedMMSE(lam=l, beta=b, prior=Prior(var=σ_W² on every selected leaf,
+    mean=...))`` therefore equals ``MMSEpb`` wherever ``η + 1 − λ' > 0``
+    (``tests/test_denoise.py`` checks both statements).
+
+    Example::
+
+        >>> hat = denoise.MMSEpb(lam=1.0, beta=-0.5, signal_var=denoise.global_signal_var(params))(noisy, pw)
+    """
+
+    lam: Array = 1.0
+    beta: Array = 0.0
+    signal_var: Array = 1.0
+    leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
+    name: str = struct.field(pytree_node=False, default="mmse_pb")
+
+    def __post_init__(self):
+        for field in ("lam", "beta", "signal_var"):
+            check = _validate.check_variance if field == "signal_var" else _validate.check_real_number
+            object.__setattr__(self, field, _as_float_leaf("MMSEpb", field, getattr(self, field), check))
+
+    def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
+        if jnp.ndim(self.signal_var) != 0:
+            raise InvalidArgumentError(
+                f"signal_var must be one scalar (the global clean-weight variance), got shape {jnp.shape(self.signal_var)}"
+            )
+
+        def fn(w, p, _k):
+            dt = w.dtype
+            sv, lam_, beta_ = (jnp.asarray(a, dt) for a in (self.signal_var, self.lam, self.beta))
+            eta = sv / p
+            denom = eta + (1.0 - lam_)  # (1 − λ') first: exact near λ' = 1, where (η + 1) − λ' would cancel
+            return ((eta / denom) * w + sv * beta_ / denom).astype(dt)
+
+        return _map_groups(fn, noisy, noise_power, self.leaf_filter)
+
+
+def _grid_pairs(lams: Sequence[float], betas: Sequence[float], what: str) -> tuple[Array, Array]:
+    """All ``(λ', β)`` pairs, λ' major: ``(lams[i // len(betas)], betas[i % len(betas)])``."""
+    lam_arr = np.asarray(lams, dtype=np.float64).ravel()
+    beta_arr = np.asarray(betas, dtype=np.float64).ravel()
+    if lam_arr.size == 0 or beta_arr.size == 0:
+        raise InvalidArgumentError(f"{what} needs at least one lam and one beta")
+    _validate.check_real_number("lams", lam_arr)
+    _validate.check_real_number("betas", beta_arr)
+    lam_g, beta_g = np.meshgrid(lam_arr, beta_arr, indexing="ij")
+    dtype = jnp.result_type(float)
+    return jnp.asarray(lam_g.ravel(), dtype), jnp.asarray(beta_g.ravel(), dtype)
+
+
+def mmse_pb_grid(
+    lams: Sequence[float], betas: Sequence[float], signal_var: Any, *, leaf_filter: LeafFilter = _noise.default_leaf_filter
+) -> MMSEpb:
+    """All ``(λ', β)`` pairs as one :class:`MMSEpb` with ``(G,)`` leaves (order as :func:`compensated_grid`)."""
+    lam, beta = _grid_pairs(lams, betas, "mmse_pb_grid")
+    sv = jnp.broadcast_to(jnp.asarray(signal_var, lam.dtype), lam.shape)
+    return MMSEpb(lam, beta, sv, leaf_filter)
 
 
 def compensated_grid(
@@ -368,17 +451,8 @@ def compensated_grid(
     Point ``i`` is ``(lams[i // len(betas)], betas[i % len(betas)])``.  ``jax.vmap`` over
     the estimator evaluates the whole grid in one call.
     """
-    lam_arr = np.asarray(lams, dtype=np.float64).ravel()
-    beta_arr = np.asarray(betas, dtype=np.float64).ravel()
-    if lam_arr.size == 0 or beta_arr.size == 0:
-        raise InvalidArgumentError("compensated_grid needs at least one lam and one beta")
-    _validate.check_real_number("lams", lam_arr)
-    _validate.check_real_number("betas", beta_arr)
-    lam_g, beta_g = np.meshgrid(lam_arr, beta_arr, indexing="ij")
-    dtype = jnp.result_type(float)
-    return CompensatedMMSE(
-        jnp.asarray(lam_g.ravel(), dtype), jnp.asarray(beta_g.ravel(), dtype), None, per_channel, leaf_filter
-    )
+    lam, beta = _grid_pairs(lams, betas, "compensated_grid")
+    return CompensatedMMSE(lam, beta, None, per_channel, leaf_filter)
 
 
 # ----------------------------------------------------------------------------------
@@ -406,13 +480,8 @@ def _common_mode_shrink(w: Array, p: Array, u: Array, exponent: Any = 1.0) -> Ar
     return (w2 + uu[:, None] * (c_hat - c)[None, :]).reshape(shape)
 
 
-def common_mode(
-    noisy: PyTree,
-    noise_power: Any,
-    *,
-    directions: Optional[Sequence[Optional[Array]]] = None,
-    leaf_filter: LeafFilter = _noise.default_leaf_filter,
-) -> PyTree:
+@struct.dataclass
+class CommonModeMMSE:
     """Blind MMSE of every output channel's common-mode component (no side information).
 
     For each selected leaf with two or more dimensions, viewed as ``(F, C)`` (fan-in ×
@@ -425,39 +494,34 @@ def common_mode(
         ŵ_j = w̃_j + (ĉ_j − c̃_j)·û
 
     Components orthogonal to ``û`` and leaves with fewer than two dimensions are
-    left as they are (ML).  Args: ``directions`` — ``None`` or one entry per leaf of
-    ``noisy`` (``None`` for the default direction, else an ``(F,)`` array).
+    left as they are (ML).  ``directions`` (pytree leaves) — ``None`` or one entry per
+    leaf of ``noisy`` (``None`` for the default direction, else an ``(F,)`` array).
 
     Example::
 
-        >>> hat = denoise.common_mode(noisy, noise.noise_power(params, 0.0))
+        >>> hat = denoise.CommonModeMMSE()(noisy, noise.noise_power(params, 0.0))
     """
-    leaves = jax.tree_util.tree_leaves(noisy)
-    if directions is not None and len(directions) != len(leaves):
-        raise ShapeMismatchError(f"directions has {len(directions)} entries, the parameters have {len(leaves)} leaves")
-
-    def fn(w, p, k):
-        if w.ndim < 2:
-            return w
-        f_in = int(np.prod(w.shape[:-1]))
-        u = directions[k] if directions is not None and directions[k] is not None else jnp.ones((f_in,), w.dtype)
-        if u.shape != (f_in,):
-            raise ShapeMismatchError(f"direction of leaf {k} has shape {u.shape}, expected ({f_in},)")
-        return _common_mode_shrink(w, p, u).astype(w.dtype)
-
-    return _map_groups(fn, noisy, noise_power, leaf_filter)
-
-
-@struct.dataclass
-class CommonModeMMSE:
-    """:func:`common_mode` as an estimator object (``directions`` are pytree leaves)."""
 
     directions: Optional[tuple] = None
     leaf_filter: LeafFilter = struct.field(pytree_node=False, default=_noise.default_leaf_filter)
     name: str = struct.field(pytree_node=False, default="common_mode")
 
     def __call__(self, noisy: PyTree, noise_power: Any, *, wnr_db: Any = None) -> PyTree:
-        return common_mode(noisy, noise_power, directions=self.directions, leaf_filter=self.leaf_filter)
+        directions = self.directions
+        leaves = jax.tree_util.tree_leaves(noisy)
+        if directions is not None and len(directions) != len(leaves):
+            raise ShapeMismatchError(f"directions has {len(directions)} entries, the parameters have {len(leaves)} leaves")
+
+        def fn(w, p, k):
+            if w.ndim < 2:
+                return w
+            f_in = int(np.prod(w.shape[:-1]))
+            u = directions[k] if directions is not None and directions[k] is not None else jnp.ones((f_in,), w.dtype)
+            if u.shape != (f_in,):
+                raise ShapeMismatchError(f"direction of leaf {k} has shape {u.shape}, expected ({f_in},)")
+            return _common_mode_shrink(w, p, u).astype(w.dtype)
+
+        return _map_groups(fn, noisy, noise_power, self.leaf_filter)
 
 
 @struct.dataclass
@@ -659,7 +723,7 @@ def learned_objective(
     """Monte Carlo estimate of ``E_{WNR~U(range), n}[ loss_fn(denoiser(clean + n), batch) ]``.
 
     ``n_draws`` noise realizations (each with its own WNR drawn uniformly in
-    ``wnr_range``) are evaluated with ``vmap``; realization ``i`` uses
+    ``wnr_range``) are evaluated one after the other (``lax.map``); realization ``i`` uses
     ``fold_in(key, i)``.  The noise is reparameterized (``w + σ·ε``), so the
     gradient with respect to ``denoiser`` flows through the denoised network only.
     """
@@ -675,7 +739,25 @@ def learned_objective(
         return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
 
     denoiser = retarget(denoiser, clean)  # projection targets follow their directions
-    return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
+    # draws one after the other: vmapped draws batch the weights, so a CNN's convolutions become
+    # grouped convolutions, which XLA's CPU compiler took about twice as long to compile
+    return jnp.mean(jax.lax.map(one, jnp.arange(n_draws)))
+
+
+@struct.dataclass
+class _LearnedLoss:
+    """:func:`learned_objective` as an objective of :func:`noisejax.train.fit` (the clean weights are a leaf)."""
+
+    clean: PyTree
+    loss_fn: Callable = struct.field(pytree_node=False)
+    n_draws: int = struct.field(pytree_node=False)
+    wnr_range: tuple = struct.field(pytree_node=False)
+    reference: str = struct.field(pytree_node=False, default="variance")
+    scope: str = struct.field(pytree_node=False, default="global")
+
+    def __call__(self, denoiser, batch, _labels, key):
+        return learned_objective(denoiser, self.clean, self.loss_fn, batch, key=key, n_draws=self.n_draws,
+                                 wnr_range=self.wnr_range, reference=self.reference, scope=self.scope)
 
 
 def train_learned(
@@ -695,16 +777,19 @@ def train_learned(
     optimizer: Optional[optax.GradientTransformation] = None,
     progress: bool = False,
 ) -> tuple[LearnedDenoiser, dict]:
-    """Train ``denoiser`` with optax on calibration ``data`` (never the test set).
+    """Train ``denoiser`` with optax on calibration ``data`` (never the test set), on :func:`noisejax.train.fit`.
 
-    Each step draws a minibatch of ``batch_size`` examples from ``data`` (a tuple of
-    arrays with a common leading axis, passed to ``loss_fn(params, batch)``) and
-    ``n_draws`` noise realizations with WNRs uniform in ``wnr_range`` (default: the
-    denoiser's own range) and takes one Adam step on :func:`learned_objective`.
+    Each step ``t`` draws a minibatch of ``batch_size`` examples without replacement
+    from ``data`` (a tuple of arrays with a common leading axis, passed to
+    ``loss_fn(params, batch)``; :class:`noisejax.train.Minibatches` with
+    ``replace=False``, from ``fold_in(fold_in(key, t), 0)``) and ``n_draws`` noise
+    realizations with WNRs uniform in ``wnr_range`` (default: the denoiser's own
+    range; from ``fold_in(fold_in(key, t), 1)``) and takes one Adam step on
+    :func:`learned_objective`.
 
     Returns:
       ``(trained, history)`` with ``history = {"loss": [...], "seconds": s}`` (the
-      per-step objective on that step's minibatch and draws).
+      per-step objective on that step's minibatch and draws; compile and run seconds).
     """
     steps = _validate.check_int("steps", steps, minimum=1)
     n_draws = _validate.check_int("n_draws", n_draws, minimum=1)
@@ -714,35 +799,13 @@ def train_learned(
         raise ShapeMismatchError("all calibration arrays must share their leading dimension")
     if wnr_range is None:
         wnr_range = (denoiser.wnr_center - denoiser.wnr_half_width, denoiser.wnr_center + denoiser.wnr_half_width)
-    opt = optimizer if optimizer is not None else optax.adam(learning_rate)
-    opt_state = opt.init(denoiser)
-    data = tuple(jnp.asarray(d) for d in data)
-    batch_size = min(batch_size, n)
-
-    @jax.jit
-    def step(den, opt_state, k):
-        idx = jax.random.choice(jax.random.fold_in(k, 0), n, (batch_size,), replace=False)
-        batch = tuple(d[idx] for d in data)
-        obj = lambda d: learned_objective(  # noqa: E731
-            d, clean, loss_fn, batch, key=jax.random.fold_in(k, 1), n_draws=n_draws,
-            wnr_range=wnr_range, reference=reference, scope=scope,
-        )
-        value, grads = jax.value_and_grad(obj)(den)
-        updates, opt_state = opt.update(grads, opt_state, den)
-        return optax.apply_updates(den, updates), opt_state, value
-
-    t0 = time.perf_counter()
-    losses = []
-    iterator = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="train denoiser", leave=False)
-    for s in iterator:
-        denoiser, opt_state, value = step(denoiser, opt_state, jax.random.fold_in(key, s))
-        losses.append(value)
-    losses = [float(v) for v in jax.device_get(losses)]
-    return retarget(denoiser, clean), {"loss": losses, "seconds": time.perf_counter() - t0}
+    objective = _LearnedLoss(clean, loss_fn, n_draws, tuple(float(w) for w in wnr_range), reference, scope)
+    res = _train.fit(objective, denoiser, tuple(jnp.asarray(d) for d in data), None, key=key,
+                     optimizer=optimizer if optimizer is not None else optax.adam(learning_rate), steps=steps,
+                     sampler=_train.Minibatches(min(batch_size, n), replace=False), progress=progress,
+                     description="train denoiser")
+    return retarget(res.params, clean), {"loss": [float(v) for v in res.losses],
+                                         "seconds": res.compile_seconds + res.run_seconds}
 
 
 # ----------------------------------------------------------------------------------
@@ -753,6 +816,7 @@ ESTIMATORS = {
     "ml": ML,
     "mmse": MMSE,
     "compensated": CompensatedMMSE,
+    "mmse_pb": MMSEpb,
     "common_mode": CommonModeMMSE,
     "learned": LearnedDenoiser,
 }
@@ -760,7 +824,7 @@ ESTIMATORS = {
 
 def estimator(name: str, **kwargs: Any):
     """Build an estimator by name: ``ml``, ``mmse``, ``mmse_side`` (needs ``prior=``),
-    ``compensated`` (``lam=``, ``beta=``), ``common_mode`` (optional ``directions=``) or
+    ``compensated`` (``lam=``, ``beta=``), ``mmse_pb`` (``lam=``, ``beta=``, ``signal_var=``), ``common_mode`` (optional ``directions=``) or
     ``learned`` (needs ``coef=``, see :func:`init_learned`).
 
     Example::
@@ -778,3 +842,28 @@ def estimator(name: str, **kwargs: Any):
     if name == "learned" and "coef" not in kwargs:
         raise InvalidArgumentError("estimator 'learned' needs coef= (build one with denoise.init_learned)")
     return ESTIMATORS[name](**kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# deprecated function forms (one estimator form: the dataclasses above)
+# ----------------------------------------------------------------------------------
+
+_DEPRECATED = {
+    "ml": lambda noisy, noise_power=None, **_: ML()(noisy, noise_power),
+    "mmse": lambda noisy, noise_power, **kw: MMSE(**kw)(noisy, noise_power),
+    "compensated": lambda noisy, noise_power, **kw: CompensatedMMSE(**kw)(noisy, noise_power),
+    "mmse_pb": lambda noisy, noise_power, **kw: MMSEpb(**kw)(noisy, noise_power),
+    "common_mode": lambda noisy, noise_power, **kw: CommonModeMMSE(**kw)(noisy, noise_power),
+}
+_CLASSES = {"ml": "ML", "mmse": "MMSE", "compensated": "CompensatedMMSE", "mmse_pb": "MMSEpb",
+            "common_mode": "CommonModeMMSE"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        import warnings
+
+        warnings.warn(f"denoise.{name}(noisy, noise_power, **kw) is deprecated: use denoise.{_CLASSES[name]}(**kw)(noisy, "
+                      "noise_power)", DeprecationWarning, stacklevel=2)
+        return _DEPRECATED[name]
+    raise AttributeError(f"module 'noisejax.denoise' has no attribute {name!r}")

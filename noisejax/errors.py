@@ -7,7 +7,8 @@ a single line on stderr and a non-zero exit status.
 
 from __future__ import annotations
 
-__all__ = ["NoisejaxError", "InvalidArgumentError", "ShapeMismatchError", "DataFormatError", "NonFiniteError"]
+__all__ = ["NoisejaxError", "InvalidArgumentError", "ShapeMismatchError", "DataFormatError", "NonFiniteError",
+           "PrecisionWarning"]
 
 
 class NoisejaxError(ValueError):
@@ -28,3 +29,7 @@ class DataFormatError(NoisejaxError):
 
 class NonFiniteError(NoisejaxError, FloatingPointError):
     """A simulation produced NaN or infinite statistics (see ``check_finite=True``)."""
+
+
+class PrecisionWarning(UserWarning):
+    """A statistic may be limited by floating-point accumulation (see ``docs/precision.md``)."""

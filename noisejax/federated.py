@@ -46,6 +46,7 @@ import optax
 
 from noisejax import _validate, denoise
 from noisejax import noise as _noise
+from noisejax import train as _train
 from noisejax.errors import InvalidArgumentError
 
 __all__ = ["DENOISERS", "FederatedConfig", "label_shards", "run"]
@@ -156,23 +157,22 @@ def _loss(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
-    steps_per_epoch = max(1, n_local // cfg.local_batch)
-    batch = min(cfg.local_batch, n_local)
-    local_opt = optax.adam(cfg.local_lr) if cfg.local_optimizer == "adam" else optax.sgd(cfg.local_lr)
-    grid = denoise.compensated_grid(cfg.grid_lams, cfg.grid_betas)
-    server_opt = optax.multi_transform(
+def _server_optimizer(cfg: FederatedConfig) -> optax.GradientTransformation:
+    """Adam on the learned denoiser's coefficient groups ``cfg.learned_train``; the others frozen."""
+    return optax.multi_transform(
         {"train": optax.adam(cfg.learned_lr), "freeze": optax.set_to_zero()},
         lambda den: jax.tree_util.tree_map_with_path(
             lambda path, _: "train" if any(getattr(p, "key", None) in cfg.learned_train for p in path) else "freeze",
             den,
         ),
     )
-    filt = _noise.default_leaf_filter
-    K = cfg.n_active
 
-    def eval_logits(variables, x):
-        return module.apply(variables, x, train=False)
+
+def _make_local_train(module: nn.Module, cfg: FederatedConfig, n_local: int):
+    """One device's local training: ``local_epochs`` epochs of its shard, optax steps of :func:`noisejax.train.scan_steps`."""
+    steps_per_epoch = max(1, n_local // cfg.local_batch)
+    batch = min(cfg.local_batch, n_local)
+    local_opt = optax.adam(cfg.local_lr) if cfg.local_optimizer == "adam" else optax.sgd(cfg.local_lr)
 
     def local_train(global_vars, idx, key, xtr, ytr):
         params, rest = _split_variables(global_vars)
@@ -183,29 +183,31 @@ def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
 
         batches = jax.vmap(epoch_batches)(jnp.arange(cfg.local_epochs)).reshape(-1, batch)
 
-        def step(carry, b):
-            params, rest, opt_state = carry
+        def loss(p, rest, b):
+            out, new_rest = _apply_train(module, {"params": p, **rest}, xtr[b])
+            return _loss(out, ytr[b]), {**rest, **new_rest}
 
-            def obj(p):
-                out, new_rest = _apply_train(module, {"params": p, **rest}, xtr[b])
-                return _loss(out, ytr[b]), new_rest
-
-            (_, new_rest), grads = jax.value_and_grad(obj, has_aux=True)(params)
-            upd, opt_state = local_opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, upd), {**rest, **new_rest}, opt_state), None
-
-        (params, rest, _), _ = jax.lax.scan(step, (params, rest, local_opt.init(params)), batches)
+        (params, _, rest), _ = _train.scan_steps(loss, local_opt, params, local_opt.init(params), rest, batches)
         return {"params": params, **rest}
+
+    return local_train
+
+
+def _make_server_denoise(module: nn.Module, cfg: FederatedConfig):
+    """The server's denoiser of the received sum of updates: ``(global, S̃, σ², wnr, den, xv, yv) -> (Ŝ, den)``."""
+    grid = denoise.compensated_grid(cfg.grid_lams, cfg.grid_betas)
+    server_opt = _server_optimizer(cfg)
+    K = cfg.n_active
 
     def server_denoise(global_vars, s_noisy, pw, wnr, den, xv, yv):
         if cfg.denoiser == "ml":
             return s_noisy, den
         if cfg.denoiser == "mmse":
-            return denoise.mmse(s_noisy, pw), den
+            return denoise.MMSE()(s_noisy, pw), den
 
         def val_loss(s_hat):
             cand = _tree_add(global_vars, s_hat, 1.0 / K)
-            return _loss(eval_logits(cand, xv), yv)
+            return _loss(module.apply(cand, xv, train=False), yv)
 
         if cfg.denoiser == "compensated":
             losses = jax.lax.map(lambda e: val_loss(e(s_noisy, pw)), grid)
@@ -214,18 +216,21 @@ def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
             return chosen(s_noisy, pw), den
         # learned: a few Adam steps on the validation loss, warm-started from the last round
         obj = lambda d: val_loss(d(s_noisy, pw, wnr_db=wnr))  # noqa: E731
-
-        def step(carry, _):
-            d, st = carry
-            g = jax.grad(obj)(d)
-            upd, st = server_opt.update(g, st, d)
-            return (optax.apply_updates(d, upd), st), None
-
-        (new, _), _ = jax.lax.scan(step, (den, server_opt.init(den)), None, length=cfg.learned_steps)
+        (new, _, _), _ = _train.scan_steps(lambda d, st, _: (obj(d), st), server_opt, den, server_opt.init(den),
+                                           length=cfg.learned_steps)
         # safeguard: keep the new coefficients only if they lower the validation loss
         better = jnp.nan_to_num(obj(new), nan=jnp.inf) < jnp.nan_to_num(obj(den), nan=jnp.inf)
         den = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), new, den)
         return den(s_noisy, pw, wnr_db=wnr), den
+
+    return server_denoise
+
+
+def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
+    local_train = _make_local_train(module, cfg, n_local)
+    server_denoise = _make_server_denoise(module, cfg)
+    filt = _noise.default_leaf_filter
+    K = cfg.n_active
 
     def one_round(carry, r, *, key, wnr, shards, xtr, ytr, xv, yv):
         global_vars, den = carry
@@ -249,8 +254,7 @@ def _make_run_one(module: nn.Module, cfg: FederatedConfig, n_local: int):
 
         def block(carry, b):
             carry, _ = jax.lax.scan(rnd, carry, b * cfg.eval_every + jnp.arange(cfg.eval_every))
-            logits = eval_logits(carry[0], xte)
-            return carry, jnp.mean(jnp.argmax(logits, -1) == yte)
+            return carry, _train.accuracy(module.apply(carry[0], xte, train=False), yte)
 
         _, acc = jax.lax.scan(block, (variables0, den0), jnp.arange(cfg.rounds // cfg.eval_every))
         return acc

@@ -19,6 +19,9 @@ noise shared by all positions.  Three storage forms:
   an activation) stays in this form until a mixing linear map (a matrix
   product, a convolution, a sum) turns it into columns.
 * :class:`Dense` — explicit columns ``cols`` of shape ``(*shape, k)``.
+* :class:`Channel` — loadings confined to one channel: source ``(c, q)`` loads only on
+  the features of channel ``c`` (a convolution kernel's noise: each output channel has
+  its own kernel entries, shared by all positions), stored as ``(*shape, r)``.
 * :class:`Lazy` — ``diag(left) · A · diag(right)`` with a matrix ``A`` shared by
   all examples of a batch (a Dense layer's ``Wᵀ``), multiplied out only when the
   next mixing map needs it.
@@ -47,6 +50,7 @@ __all__ = [
     "Diag",
     "Dense",
     "Lazy",
+    "Channel",
     "Gaussian",
     "fresh",
     "square_sid",
@@ -77,10 +81,19 @@ def fresh() -> int:
 _SQUARES: dict = {}
 
 
+def is_square_sid(sid: int) -> bool:
+    """Whether ``sid`` names second-order sources ``η = (ξ² − 1)/√2`` (non-Gaussian)."""
+    return sid in _SQUARE_OF
+
+
+_SQUARE_OF: dict = {}
+
+
 def square_sid(sid: int) -> int:
     """The id of the sources ``η_r = (ξ_r² − 1)/√2`` of the sources ``ξ_r`` of block ``sid`` (the same everywhere)."""
     if sid not in _SQUARES:
         _SQUARES[sid] = fresh()
+        _SQUARE_OF[_SQUARES[sid]] = sid
     return _SQUARES[sid]
 
 
@@ -121,7 +134,17 @@ class Lazy:
     right: Array
 
 
-Block = Union[Diag, Dense, Lazy]
+@dataclasses.dataclass(frozen=True, eq=False)
+class Channel:
+    """Per-channel loadings ``u`` of shape ``(*shape, r)``: source ``(c, q)`` (``c``-major) loads
+    ``u[..., q]`` on the features whose index along ``axis`` is ``c`` and nothing elsewhere."""
+
+    sid: int
+    u: Array
+    axis: int
+
+
+Block = Union[Diag, Dense, Lazy, Channel]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,8 +184,8 @@ def block_variance(b: Block, shape) -> Array:
     """Per-feature variance contributed by one block."""
     if isinstance(b, Diag):
         return jnp.square(b.scale)
-    if isinstance(b, Dense):
-        return jnp.sum(jnp.square(b.cols), axis=-1)
+    if isinstance(b, (Dense, Channel)):
+        return jnp.sum(jnp.square(b.cols if isinstance(b, Dense) else b.u), axis=-1)
     v = jnp.einsum("mn,n->m", jnp.square(b.a), jnp.square(b.right))
     return jnp.square(b.left) * v.reshape(b.left.shape)
 
@@ -184,6 +207,11 @@ def to_dense(b: Block, shape) -> Dense:
     """The block as explicit columns ``(*shape, n_sources)``."""
     if isinstance(b, Dense):
         return b
+    if isinstance(b, Channel):
+        n_ch, r = shape[b.axis], b.u.shape[-1]
+        sel = jnp.eye(n_ch, dtype=b.u.dtype).reshape((1,) * b.axis + (n_ch,) + (1,) * (len(shape) - b.axis - 1) + (n_ch,))
+        cols = sel[..., :, None] * b.u[..., None, :]  # (*shape, C, r)
+        return Dense(b.sid, cols.reshape(tuple(shape) + (n_ch * r,)))
     if isinstance(b, Lazy):
         cols = b.left.reshape(-1)[:, None] * b.a * b.right[None, :]
         return Dense(b.sid, cols.reshape(tuple(shape) + (b.a.shape[1],)))
@@ -204,6 +232,8 @@ def _scale_block(b: Block, s: Array, shape) -> Block:
         return Diag(b.sid, b.scale * s, b.src, b.n)
     if isinstance(b, Dense):
         return Dense(b.sid, b.cols * jnp.broadcast_to(s, shape)[..., None])
+    if isinstance(b, Channel):
+        return Channel(b.sid, b.u * jnp.broadcast_to(s, shape)[..., None], b.axis)
     return Lazy(b.sid, b.left * jnp.broadcast_to(s, shape).reshape(b.left.shape), b.a, b.right)
 
 
@@ -231,6 +261,8 @@ def _combine(a: Block, b: Block, shape) -> Block:
     """Sum of two blocks with the same sources."""
     if isinstance(a, Diag) and isinstance(b, Diag) and _same_src(a, b):
         return Diag(a.sid, a.scale + b.scale, a.src, a.n)
+    if isinstance(a, Channel) and isinstance(b, Channel) and a.axis == b.axis and a.u.shape == b.u.shape:
+        return Channel(a.sid, a.u + b.u, a.axis)
     if isinstance(a, Lazy) and isinstance(b, Lazy) and a.a is b.a and a.right is b.right:
         return Lazy(a.sid, a.left + b.left, a.a, a.right)
     da, db = to_dense(a, shape), to_dense(b, shape)

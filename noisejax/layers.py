@@ -7,15 +7,19 @@ Every layer is a :class:`Layer`: a named tuple of pure functions
 * ``apply(params, x, *, key=None, noise=None) -> y`` — the sampling rule, for one
   example; batches and realizations are added with :func:`jax.vmap`
   (see :func:`apply_batch` and :mod:`noisejax.simulate`);
-plus static metadata: ``n_sites`` (how many :func:`NeuronNoise` sites the layer
-contains) and ``spec`` (a small dict describing the layer: kind, slope, ...).
+plus static metadata: ``n_sites`` (how many :func:`NoiseSite` sites the layer
+contains) and ``spec``, a typed, hashable description of the layer (frozen
+dataclasses: :class:`DenseSpec`, :class:`ConvSpec`, :class:`FlattenSpec`,
+:class:`ActivationSpec`, :class:`NoiseSiteSpec`, :class:`SerialSpec`), so that a
+``Layer`` is hashable and can key compiled programs.
 
 The analytic moments of any network come from its ``apply`` itself: the moment
 interpretation of :mod:`noisejax.interpret` reads the jaxpr of ``apply`` with the
 per-primitive rules of :mod:`noisejax.rules` (:func:`noisejax.moments.predict`),
 so a layer needs no separate moment rule and Monte Carlo and analytic prediction
-always describe the same network.  :func:`NeuronNoise` marks its site in that
-jaxpr (:func:`noisejax.interpret.mark`).
+always describe the same network.  :func:`NoiseSite` marks its site in that
+jaxpr (:func:`noisejax.interpret.mark`).  (The noise *site* is a layer; the noise
+*model* applied there is :class:`noisejax.noise.NeuronNoise`.)
 
 :func:`serial` composes layers.  The ``noise`` argument of a composed network is
 either one :class:`noisejax.noise.NeuronNoise` (applied at every site) or a
@@ -35,7 +39,9 @@ Example — the paper's noisy MLP, ``y_l = f(y_{l-1} W_l + b_l)·(1+ξ_MU+ξ_MC)
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -51,6 +57,12 @@ from noisejax.noise import apply_neuron_noise
 
 __all__ = [
     "Layer",
+    "DenseSpec",
+    "ConvSpec",
+    "FlattenSpec",
+    "ActivationSpec",
+    "NoiseSiteSpec",
+    "SerialSpec",
     "Dense",
     "WeightNoiseDense",
     "Conv",
@@ -61,7 +73,7 @@ __all__ = [
     "Tanh",
     "Relu",
     "Erf",
-    "NeuronNoise",
+    "NoiseSite",
     "serial",
     "activation",
     "ACTIVATIONS",
@@ -76,13 +88,104 @@ Shape = tuple[int, ...]
 NoiseArg = Union[None, _NeuronNoiseModel, Sequence[Optional[_NeuronNoiseModel]]]
 
 
+# ----------------------------------------------------------------------------------
+# Typed layer specs
+# ----------------------------------------------------------------------------------
+
+
+class _Spec:
+    """Base of the layer specs: frozen, hashable; ``spec["name"]`` still reads a field (deprecated)."""
+
+    kind: str = ""
+
+    def __getitem__(self, name: str) -> Any:
+        warnings.warn("layer specs are typed: read spec.<field> instead of spec[<field>]", DeprecationWarning, stacklevel=2)
+        if name == "kind":
+            return self.kind
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """``spec[name]`` or ``default`` (deprecated dict access)."""
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSpec(_Spec):
+    """A fully connected layer, :func:`Dense`: ``out_dim`` outputs.
+
+    ``weight_noise="local"`` for :func:`WeightNoiseDense` (its weights are a noise site).
+    """
+
+    out_dim: int
+    weight_noise: Optional[str] = None
+    kind = "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSpec(_Spec):
+    """An elementwise activation: its ``name`` (``"sigmoid"``, ``"linear"``...) and function ``fn``.
+
+    ``slope`` is the linear neuron's α (:func:`Linear`), ``None`` for the others.
+    Hashed and compared by ``fn``'s identity: two ``Linear(0.5)`` layers have equal
+    names and slopes but distinct specs.
+    """
+
+    name: str
+    fn: Callable[[Array], Array]
+    slope: Optional[float] = None
+    kind = "activation"
+
+
+@dataclasses.dataclass(frozen=True)
+class SerialSpec(_Spec):
+    """:func:`serial`: the ``children``'s specs, a tuple in network order (a tree of specs)."""
+
+    children: tuple
+    kind = "serial"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec(_Spec):
+    """A 2-D convolution, :func:`Conv`, with ``out_chan`` output channels."""
+
+    out_chan: int
+    kind = "conv"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenSpec(_Spec):
+    """:func:`Flatten` (no parameter)."""
+
+    kind = "flatten"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseSiteSpec(_Spec):
+    """A neuron-noise site, :func:`NoiseSite`: where a :class:`noisejax.noise.NeuronNoise` applies."""
+
+    kind = "neuron_noise"
+
+
+Spec = Union[DenseSpec, ConvSpec, FlattenSpec, ActivationSpec, NoiseSiteSpec, SerialSpec]
+
+
 class Layer(NamedTuple):
-    """A layer: pure ``init``/``apply`` with static metadata (``n_sites``, ``spec``)."""
+    """A layer: pure ``init``/``apply`` with static metadata (``n_sites``, ``spec``).
+
+    Hashable (its functions by identity, its spec by value): a network can be a
+    static argument or a cache key of compiled programs.
+    """
 
     init: Callable[[Array, Shape], tuple[Shape, Any]]
     apply: Callable[..., Array]
     n_sites: int = 0
-    spec: Any = None
+    spec: Optional[Spec] = None
 
 
 # ----------------------------------------------------------------------------------
@@ -117,7 +220,7 @@ def Dense(out_dim: int, *, use_bias: bool = True, W_init: Optional[Callable] = N
             y = y + params["b"]
         return y
 
-    return Layer(init, apply, 0, {"kind": "dense", "out_dim": out_dim})
+    return Layer(init, apply, 0, DenseSpec(out_dim))
 
 
 def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
@@ -147,14 +250,16 @@ def WeightNoiseDense(out_dim: int, *, use_bias: bool = True) -> Layer:
             return z
         if key is None:
             raise InvalidArgumentError("WeightNoiseDense with noise= needs key=")
-        var_w = jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
-        var = jnp.square(x) @ var_w
+        var = jnp.square(x) @ jnp.broadcast_to(jnp.asarray(noise.variance, z.dtype), params["W"].shape)
         if "b" in params:
-            var_b = noise.variance if noise.bias_variance is None else noise.bias_variance
-            var = var + jnp.asarray(var_b, z.dtype)
+            var = var + jnp.asarray(_bias_variance(noise), z.dtype)
         return z + jnp.sqrt(var) * jax.random.normal(key, z.shape, z.dtype)
 
-    return Layer(dense.init, apply, 1, {"kind": "dense", "out_dim": out_dim, "weight_noise": "local"})
+    return Layer(dense.init, apply, 1, DenseSpec(out_dim, weight_noise="local"))
+
+
+def _bias_variance(noise: _LocalWeightNoise):
+    return noise.variance if noise.bias_variance is None else noise.bias_variance
 
 
 def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str = "SAME", use_bias: bool = True) -> Layer:
@@ -181,7 +286,7 @@ def Conv(out_chan: int, kernel: tuple[int, int], *, strides=(1, 1), padding: str
     def apply(params, x, *, key=None, noise=None):
         return _conv(params, x)
 
-    return Layer(init, apply, 0, {"kind": "conv", "out_chan": out_chan})
+    return Layer(init, apply, 0, ConvSpec(out_chan))
 
 
 def Flatten() -> Layer:
@@ -193,7 +298,7 @@ def Flatten() -> Layer:
     def apply(params, x, *, key=None, noise=None):
         return x.reshape(-1)
 
-    return Layer(init, apply, 0, {"kind": "flatten"})
+    return Layer(init, apply, 0, FlattenSpec())
 
 
 # ----------------------------------------------------------------------------------
@@ -201,8 +306,11 @@ def Flatten() -> Layer:
 # ----------------------------------------------------------------------------------
 
 
-def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", **spec) -> Layer:
-    """Any elementwise activation ``y = fn(x)`` (moments: the rules of the primitives ``fn`` uses)."""
+def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", *, slope: Optional[float] = None) -> Layer:
+    """Any elementwise activation ``y = fn(x)`` (moments: the rules of the primitives ``fn`` uses).
+
+    ``slope``: recorded in the spec for the linear neuron ``slope·x`` (:func:`Linear`).
+    """
 
     def init(key, in_shape):
         return tuple(in_shape), ()
@@ -210,7 +318,7 @@ def Elementwise(fn: Callable[[Array], Array], name: str = "elementwise", **spec)
     def apply(params, x, *, key=None, noise=None):
         return fn(x)
 
-    return Layer(init, apply, 0, {"kind": "activation", "name": name, "fn": fn, **spec})
+    return Layer(init, apply, 0, ActivationSpec(name, fn, slope))
 
 
 def Linear(slope: float = 1.0) -> Layer:
@@ -277,7 +385,7 @@ def activation(name: str) -> Layer:
 # ----------------------------------------------------------------------------------
 
 
-def NeuronNoise() -> Layer:
+def NoiseSite() -> Layer:
     """A neuron-noise site: ``y → y·(1 + ξ_MU + ξ_MC) + ξ_AU + ξ_AC``.
 
     The variances come from the ``noise`` argument of ``apply`` (one
@@ -296,7 +404,7 @@ def NeuronNoise() -> Layer:
             raise InvalidArgumentError("apply(..., noise=...) needs key=: a noisy forward pass draws random numbers")
         return apply_neuron_noise(x, noise, key=key)
 
-    return Layer(init, apply, 1, {"kind": "neuron_noise"})
+    return Layer(init, apply, 1, NoiseSiteSpec())
 
 
 # ----------------------------------------------------------------------------------
@@ -363,7 +471,7 @@ def serial(*layers: Layer) -> Layer:
             outs.append(x)
         return (x, tuple(outs)) if return_layers else x
 
-    return Layer(init, apply, sum(counts), {"kind": "serial", "children": tuple(l.spec for l in layers)})
+    return Layer(init, apply, sum(counts), SerialSpec(tuple(l.spec for l in layers)))
 
 
 def apply_batch(net: Layer, params, xs: Array, *, key=None, noise: NoiseArg = None, **kwargs):
@@ -398,7 +506,7 @@ def mlp(
 ) -> Layer:
     """The paper's MLP: ``widths = [fan_in, h1, ..., out]``.
 
-    Each top-level child is one paper layer ``serial(Dense, f, NeuronNoise)``, so
+    Each top-level child is one paper layer ``serial(Dense, f, NoiseSite)``, so
     ``apply(..., return_layers=True)`` returns one output per layer.  The last layer
     uses ``activation_out`` when given.  ``noisy=False`` drops the noise sites.
     ``dense`` builds the affine layers (``dense(width, use_bias=...)``), e.g.
@@ -413,7 +521,7 @@ def mlp(
         act = activation_out if (i == n - 1 and activation_out is not None) else activation_name
         parts = [dense(w, use_bias=use_bias), _as_activation(act)]
         if noisy:
-            parts.append(NeuronNoise())
+            parts.append(NoiseSite())
         blocks.append(serial(*parts))
     return serial(*blocks)
 
@@ -452,13 +560,21 @@ def from_weights(
     for l, (W, b) in enumerate(zip(weights, biases)):
         act = activation_out if (l == n - 1 and activation_out is not None) else activation_name
         parts = [dense(widths[l + 1], use_bias=b is not None), _as_activation(act)]
-        dense_p = {"W": jnp.asarray(W)}
+        dense_p = {"W": jax.device_put(W)}  # device_put: no per-shape conversion program to compile
         if b is not None:
-            dense_p["b"] = jnp.asarray(b)
+            dense_p["b"] = jax.device_put(b)
         block_params = [dense_p, ()]
         if noisy:
-            parts.append(NeuronNoise())
+            parts.append(NoiseSite())
             block_params.append(())
         blocks.append(serial(*parts))
         params.append(tuple(block_params))
     return serial(*blocks), tuple(params)
+
+
+def __getattr__(name: str):
+    if name == "NeuronNoise":  # the noise-site layer's old name (the noise model is noisejax.noise.NeuronNoise)
+        warnings.warn("layers.NeuronNoise() is deprecated: the noise-site layer is layers.NoiseSite() "
+                      "(noise.NeuronNoise is the noise model)", DeprecationWarning, stacklevel=2)
+        return NoiseSite
+    raise AttributeError(f"module 'noisejax.layers' has no attribute {name!r}")

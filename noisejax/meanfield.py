@@ -54,7 +54,7 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 
 from noisejax import _validate
@@ -183,14 +183,13 @@ def _activation(activation: Union[str, _layers.Layer]):
     """``(fn, kind, slope)`` of an activation name or layer."""
     layer = _layers.activation(activation) if isinstance(activation, str) else activation
     spec = getattr(layer, "spec", None)
-    if not isinstance(spec, dict) or spec.get("kind") != "activation":
+    if not isinstance(spec, _layers.ActivationSpec):
         raise InvalidArgumentError(f"activation must be a name or an activation Layer, got {activation!r}")
-    name = spec.get("name")
-    if name == "linear":
-        return spec["fn"], "linear", spec.get("slope", 1.0)
-    if name in ("relu", "erf"):
-        return spec["fn"], name, None
-    return spec["fn"], None, None
+    if spec.name == "linear":
+        return spec.fn, "linear", 1.0 if spec.slope is None else spec.slope
+    if spec.name in ("relu", "erf"):
+        return spec.fn, spec.name, None
+    return spec.fn, None, None
 
 
 def _site(noise: NeuronNoise, mu: Array, v: Array) -> tuple[Array, Array]:
@@ -218,7 +217,7 @@ def symmetric_network(
     """A deep symmetric network: every ``W_ij = coupling / fan_in``, every bias ``bias``.
 
     Returns ``(net, params)`` from :func:`noisejax.layers.from_weights` (one paper
-    layer ``serial(Dense, f, NeuronNoise)`` per depth step).
+    layer ``serial(Dense, f, NoiseSite)`` per depth step).
     """
     in_dim = _validate.check_int("in_dim", in_dim, minimum=1)
     width = _validate.check_int("width", width, minimum=1)
@@ -376,19 +375,19 @@ def layer_statistics(net: _layers.Layer, params, x: Array) -> tuple[LayerStatist
     noise-free forward pass of ONE input ``x`` (vmap for a batch).
     """
     spec = getattr(net, "spec", None)
-    if not isinstance(spec, dict) or spec.get("kind") != "serial":
+    if not isinstance(spec, _layers.SerialSpec):
         raise InvalidArgumentError("layer_statistics needs a serial network of paper layers (layers.mlp / from_weights)")
     stats = []
     y = jnp.asarray(x)
-    for blk_spec, blk_params in zip(spec["children"], params):
-        kids = blk_spec.get("children", ()) if isinstance(blk_spec, dict) else ()
-        if len(kids) < 2 or kids[0].get("kind") != "dense" or kids[1].get("kind") != "activation":
+    for blk_spec, blk_params in zip(spec.children, params):
+        kids = blk_spec.children if isinstance(blk_spec, _layers.SerialSpec) else ()
+        if len(kids) < 2 or not isinstance(kids[0], _layers.DenseSpec) or not isinstance(kids[1], _layers.ActivationSpec):
             raise InvalidArgumentError("layer_statistics: each top-level layer must be serial(Dense, activation, ...)")
         W = blk_params[0]["W"]
         if y.shape[-1] != W.shape[0]:
             raise ShapeMismatchError(f"x has {y.shape[-1]} features; the first layer expects {W.shape[0]}")
         pre = y @ W + (blk_params[0]["b"] if "b" in blk_params[0] else 0.0)
-        fn = kids[1]["fn"]
+        fn = kids[1].fn
         out = fn(pre)
         g = jax.jvp(fn, (pre,), (jnp.ones_like(pre),))[1]
         stats.append(

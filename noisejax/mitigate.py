@@ -93,14 +93,14 @@ class Block:
         NumPy on concrete, trained parameters; :func:`assemble` turns them back into
         jax arrays).
       b: ``(fan_out,)`` bias or ``None``.
-      act: the activation's ``spec`` dict (``None``: identity, a linear read-out).
-      noisy: whether the block ends with a :func:`noisejax.layers.NeuronNoise` site.
+      act: the activation's :class:`~noisejax.layers.ActivationSpec` (``None``: identity, a linear read-out).
+      noisy: whether the block ends with a :func:`noisejax.layers.NoiseSite` site.
       extra: params of the non-dense children, reused when the block is rebuilt.
     """
 
     W: Array
     b: Optional[Array]
-    act: Optional[dict]
+    act: Optional[layers.ActivationSpec]
     noisy: bool
     extra: tuple = ()
 
@@ -112,7 +112,7 @@ class Block:
         """The activation at 0, ``f(0)`` (0 for the identity)."""
         if self.act is None:
             return 0.0
-        return _f0(self.act["fn"])
+        return _f0(self.act.fn)
 
     def replace(self, **kw) -> "Block":
         return dataclasses.replace(self, **kw)
@@ -131,16 +131,16 @@ def blocks(net: layers.Layer, params) -> list[Block]:
     and :class:`~noisejax.errors.ShapeMismatchError` when params do not fit.
     """
     spec = getattr(net, "spec", None)
-    if not isinstance(net, layers.Layer) or not isinstance(spec, dict) or spec.get("kind") != "serial":
+    if not isinstance(net, layers.Layer) or not isinstance(spec, layers.SerialSpec):
         raise InvalidArgumentError(_BAD_NET)
-    children = spec["children"]
+    children = spec.children
     if not isinstance(params, (tuple, list)) or len(params) != len(children):
         raise ShapeMismatchError(f"params must be a tuple with one entry per block ({len(children)})")
     out: list[Block] = []
     for l, (cs, p) in enumerate(zip(children, params)):
-        if not isinstance(cs, dict) or cs.get("kind") != "serial":
+        if not isinstance(cs, layers.SerialSpec):
             raise InvalidArgumentError(f"block {l}: {_BAD_NET}")
-        kinds = [c.get("kind") for c in cs["children"]]
+        kinds = [c.kind for c in cs.children]
         if kinds not in (["dense"], ["dense", "activation"], ["dense", "activation", "neuron_noise"], ["dense", "neuron_noise"]):
             raise InvalidArgumentError(f"block {l} has children {kinds}; {_BAD_NET}")
         if not isinstance(p, (tuple, list)) or len(p) != len(kinds) or not isinstance(p[0], Mapping) or "W" not in p[0]:
@@ -155,7 +155,7 @@ def blocks(net: layers.Layer, params) -> list[Block]:
             b = _concrete(f"params[{l}][0]['b']", b)
             if tuple(b.shape) != (W.shape[1],):
                 raise ShapeMismatchError(f"params[{l}][0]['b'] must have shape ({W.shape[1]},), got {tuple(b.shape)}")
-        act = cs["children"][1] if "activation" in kinds else None
+        act = cs.children[1] if "activation" in kinds else None
         out.append(Block(W, b, act, kinds[-1] == "neuron_noise", tuple(p[1:])))
     return out
 
@@ -171,20 +171,16 @@ def _concrete(name: str, value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _activation_layer(spec: dict) -> layers.Layer:
+def _activation_layer(spec: layers.ActivationSpec) -> layers.Layer:
     """Rebuild an activation layer from its spec, preferring the library's own layer."""
-    name = spec.get("name")
     candidate = None
-    if name == "linear":
-        candidate = layers.Linear(spec.get("slope", 1.0))
-    elif name in layers.ACTIVATIONS:
-        candidate = layers.ACTIVATIONS[name]()
-    if candidate is not None:
-        same = {k: v for k, v in candidate.spec.items() if k != "fn"} == {k: v for k, v in spec.items() if k != "fn"}
-        if same:
-            return candidate
-    extra = {k: v for k, v in spec.items() if k not in ("kind", "name", "fn")}
-    return layers.Elementwise(spec["fn"], name, **extra)
+    if spec.name == "linear":
+        candidate = layers.Linear(1.0 if spec.slope is None else spec.slope)
+    elif spec.name in layers.ACTIVATIONS:
+        candidate = layers.ACTIVATIONS[spec.name]()
+    if candidate is not None and (candidate.spec.name, candidate.spec.slope) == (spec.name, spec.slope):
+        return candidate
+    return layers.Elementwise(spec.fn, spec.name, slope=spec.slope)
 
 
 def assemble(block_list: Sequence[Block]) -> tuple[layers.Layer, tuple]:
@@ -201,7 +197,7 @@ def assemble(block_list: Sequence[Block]) -> tuple[layers.Layer, tuple]:
             parts.append(_activation_layer(blk.act))
             p.append(extra.pop(0) if extra else ())
         if blk.noisy:
-            parts.append(layers.NeuronNoise())
+            parts.append(layers.NoiseSite())
             p.append(extra.pop(0) if extra else ())
         children.append(layers.serial(*parts))
         params.append(tuple(p))
@@ -290,9 +286,9 @@ def scale_slope(net: layers.Layer, params, scales: PerLayer, *, offset_correctio
         if s == 1.0:
             continue
         blk = bl[l]
-        if blk.act is not None and blk.act.get("name") == "linear":
-            new_act = dict(layers.Linear(blk.act.get("slope", 1.0) * s).spec)
-            bl[l] = blk.replace(act=new_act)
+        if blk.act is not None and blk.act.name == "linear":
+            slope = 1.0 if blk.act.slope is None else blk.act.slope
+            bl[l] = blk.replace(act=layers.Linear(slope * s).spec)
         else:
             bl[l] = blk.replace(W=blk.W * s, b=None if blk.b is None else blk.b * s)
         if l + 1 < n:
@@ -364,9 +360,7 @@ def pool(
         elif readout:
             eye = np.eye(blk.width, dtype=blk.W.dtype)
             appended = Block(np.repeat(eye, P, axis=0) / P, None, None, False)
-    if appended is not None:
-        bl.append(appended)
-    return assemble(bl)
+    return assemble(bl if appended is None else [*bl, appended])  # the read-out block, if any, last
 
 
 # ----------------------------------------------------------------------------------
@@ -429,9 +423,7 @@ def ghost_neurons(
             m = blk.width
             Wr = np.concatenate([np.eye(m, dtype=W.dtype), -np.ones((1, m), W.dtype)], axis=0)
             appended = Block(Wr, np.full((m,), f0, W.dtype), None, False)
-    if appended is not None:
-        bl.append(appended)
-    return assemble(bl)
+    return assemble(bl if appended is None else [*bl, appended])  # the read-out block, if any, last
 
 
 # ----------------------------------------------------------------------------------

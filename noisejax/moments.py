@@ -4,7 +4,7 @@ There is one implementation of every moment rule: the per-primitive table of
 :mod:`noisejax.rules`, applied by the moment interpretation of
 :mod:`noisejax.interpret` to the jaxpr of ``net.apply``.  This module is the
 ``layers``-shaped front end: it traces one example through the network, puts
-the network's ``NeuronNoise()`` sites (and ``WeightNoiseDense`` weights) where
+the network's ``NoiseSite()`` sites (and ``WeightNoiseDense`` weights) where
 the network marks them, and returns one :class:`LayerMoments` per top-level
 child — the same numbers :func:`noisejax.analytic` gives for the same function.
 
@@ -44,16 +44,17 @@ Example::
 
 from __future__ import annotations
 
-import weakref
+import collections
 from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax import gaussian as G
+from noisejax import layers as _layers
 from noisejax import interpret as _interp
 from noisejax import rules as _rules
 from noisejax import snr as _snr
@@ -87,7 +88,7 @@ COVARIANCES: tuple[str, ...] = ("factored", "lowrank", "full")
 
 
 @struct.dataclass
-class LayerMoments:
+class LayerMoments(_snr.Statistics):
     """Mean and noise covariance of one layer's features (one example, or a batch).
 
     Attributes:
@@ -129,23 +130,6 @@ class LayerMoments:
             left, a, right = self.lazy
             v = v + (jnp.square(left) * jnp.einsum("...nm,...m->...n", jnp.square(a), jnp.square(right))).reshape(self.mean.shape)
         return v
-
-    @property
-    def std(self) -> Array:
-        return jnp.sqrt(self.var)
-
-    @property
-    def snr(self) -> Array:
-        return _snr.snr(self.mean, self.var)
-
-    @property
-    def snr_db(self) -> Array:
-        return _snr.snr_db(self.mean, self.var)
-
-    @property
-    def layer_snr_db(self) -> Array:
-        """The layer summary ``10·log10(Σ mean² / Σ var)`` over all features (and examples)."""
-        return _snr.layer_snr_db(self.mean, self.var)
 
     @property
     def n_factors(self) -> int:
@@ -245,7 +229,7 @@ def _to_layer_moments(x: Any, covariance: str) -> LayerMoments:
 
 
 def neuron_noise_rule():
-    """The moment rule of a :func:`noisejax.layers.NeuronNoise` site on :class:`LayerMoments` — exact::
+    """The moment rule of a :func:`noisejax.layers.NoiseSite` site on :class:`LayerMoments` — exact::
 
         E z = m
         C' = C + D_MU diag(m² + diag C) + (s sᵀ ∘ Δ) ∘ (C + m mᵀ) + D_AU I + (a aᵀ ∘ Δ)
@@ -290,7 +274,7 @@ def with_weight_noise(params: PyTree, weight_noise_var: PyTree) -> PyTree:
 
 
 def _is_serial(net) -> bool:
-    return isinstance(net.spec, dict) and net.spec.get("kind") == "serial"
+    return isinstance(net.spec, _layers.SerialSpec)
 
 
 def _split_noisy_params(params: PyTree, weight_noise_var: Any) -> tuple[PyTree, list]:
@@ -302,12 +286,27 @@ def _split_noisy_params(params: PyTree, weight_noise_var: Any) -> tuple[PyTree, 
     return jax.tree_util.tree_unflatten(treedef, values), variances
 
 
-_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Caches per network (a Layer is hashable), least recently used first: traced programs
+# and compiled predictors of the last _NETS_MAX networks.
+_NETS_MAX = 32
+_PROGRAMS: "collections.OrderedDict" = collections.OrderedDict()
+_JIT_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def _per_net(cache: "collections.OrderedDict", net) -> dict:
+    """The cache entry (a dict) of ``net``, created if needed; the oldest network's entry goes when full."""
+    entry = cache.get(net)
+    if entry is None:
+        entry = cache[net] = {}
+        while len(cache) > _NETS_MAX:
+            cache.popitem(last=False)
+    cache.move_to_end(net)
+    return entry
 
 
 def _program(net, params, x_shape, dtype):
     """The traced one-example program of ``net`` (cached per network and shapes)."""
-    per_net = _PROGRAMS.setdefault(net.apply, {})
+    per_net = _per_net(_PROGRAMS, net)
     serial = _is_serial(net)
 
     def fn(p, x):
@@ -329,7 +328,7 @@ def _consuming_products(program, mark_site) -> list:
     return out
 
 
-def _layer_sites(net, program) -> list:
+def _layer_sites(program) -> list:
     """The network's noise sites in order, each as the tuple of its marks (one NeuronNoise mark,
     or a WeightNoiseDense's weight and bias marks)."""
     marks = [s for s in program.sites if s.kind == "marked"]
@@ -365,8 +364,13 @@ def propagate(
     parameter leaf; per-leaf variances go in ``params`` via :func:`with_weight_noise`.
     ``weight``: a weight model instead (see :func:`predict`).
     """
-    from noisejax.layers import split_noise
+    outs = _states(net, params, x, noise=noise, method=method, covariance=covariance,
+                   weight_noise_var=weight_noise_var, quad_nodes=quad_nodes, weight=weight)
+    return tuple(_to_layer_moments(o, covariance) for o in outs)
 
+
+def _states(net, params, x, *, noise, method, covariance, weight_noise_var, quad_nodes, weight=None) -> list:
+    """The interpreter's state of every top-level child's output (see :func:`propagate`)."""
     values, variances = _split_noisy_params(params, weight_noise_var)
     state = x if isinstance(x, LayerMoments) else None
     xm = jnp.asarray(x.mean if state is not None else x)
@@ -374,9 +378,9 @@ def propagate(
         xm = xm.astype(jnp.result_type(float))
     traced = _program(net, values, xm.shape, xm.dtype)
     program = traced.program
-    groups = _layer_sites(net, program)
+    groups = _layer_sites(program)
     per_site = {}
-    for marks, nz in zip(groups, split_noise(noise, [1] * len(groups))):
+    for marks, nz in zip(groups, _layers.split_noise(noise, [1] * len(groups))):
         if nz is None:
             continue
         for s in marks:
@@ -398,8 +402,7 @@ def propagate(
             scale = G._safe_sqrt(jnp.broadcast_to(jnp.asarray(v, leaf.dtype), jnp.shape(leaf)))
             inputs[j] = G.Gaussian(leaf, (G.Diag(G.fresh(), scale),))
     inputs.append(_to_gaussian(state) if state is not None else xm)
-    outs = _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0, gains=gains)
-    return tuple(_to_layer_moments(o, covariance) for o in outs)
+    return _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0, gains=gains)
 
 
 def _first_linear(spec: Any, params: Any) -> tuple[bool, Optional[int], Optional[int]]:
@@ -407,41 +410,41 @@ def _first_linear(spec: Any, params: Any) -> tuple[bool, Optional[int], Optional
     for Conv) and the fan-in of that first Dense.  ``decided`` is False while only
     rank-preserving layers (activations, noise sites) were seen; a leading Flatten decides
     ``None`` (unknown)."""
-    if not isinstance(spec, dict):
-        return True, None, None
-    kind = spec.get("kind")
-    if kind == "dense":
+    if isinstance(spec, _layers.DenseSpec):
         w = params.get("W") if isinstance(params, dict) else None
         w = w.value if isinstance(w, NoisyParam) else w
         return True, 1, None if w is None else int(np.shape(w)[0])
-    if kind == "conv":
+    if isinstance(spec, _layers.ConvSpec):
         return True, 3, None
-    if kind == "serial":
+    if isinstance(spec, _layers.SerialSpec):
         kids = params if isinstance(params, (tuple, list)) else ()
-        for i, child in enumerate(spec.get("children", ())):
+        for i, child in enumerate(spec.children):
             decided, rank, fan_in = _first_linear(child, kids[i] if i < len(kids) else None)
             if decided:
                 return True, rank, fan_in
         return False, None, None
-    if kind in ("activation", "neuron_noise"):
+    if isinstance(spec, (_layers.ActivationSpec, _layers.NoiseSiteSpec)):
         return False, None, None
     return True, None, None
 
 
-_JIT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SPECS = (_layers.DenseSpec, _layers.ConvSpec, _layers.FlattenSpec, _layers.ActivationSpec, _layers.NoiseSiteSpec,
+          _layers.SerialSpec)
 
 
 def _compiled(net, *, method, covariance, quad_nodes, batched, keep_covariance):
-    per_net = _JIT_CACHE.setdefault(net.apply, {})
+    per_net = _per_net(_JIT_CACHE, net)
     key = (method, covariance, quad_nodes, batched, keep_covariance)
     if key not in per_net:
 
         def one(params, x, noise, w_var, weight):
-            outs = propagate(
-                net, params, x, noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes,
-                weight=weight,
-            )
-            return outs if keep_covariance else tuple(o.compact() for o in outs)
+            kw = dict(noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes,
+                      weight=weight)
+            if keep_covariance:
+                return propagate(net, params, x, **kw)
+            # mean and variance only: straight from the states (lazy blocks are never multiplied out)
+            return tuple(LayerMoments(G.as_gaussian(o).mean, G.variance(o), None, None, "lowrank")
+                         for o in _states(net, params, x, **kw))
 
         def run(params, x, noise, w_var, weight):
             if batched:
@@ -522,6 +525,8 @@ def predict(
         raise InvalidArgumentError(
             "net must be a noisejax.layers network (for any other JAX function use noisejax.analytic)"
         )
+    if not isinstance(net.spec, (type(None), *_SPECS)):
+        raise InvalidArgumentError(f"net.spec must be a noisejax.layers spec (e.g. layers.DenseSpec), got {type(net.spec).__name__}")
     _validate.check_choice("method", method, METHODS)
     _validate.check_choice("covariance", covariance, COVARIANCES)
     quad_nodes = _validate.check_int("quad_nodes", quad_nodes, minimum=2)

@@ -20,7 +20,10 @@ are static fields:
   :class:`AdditiveWeightNoise` (``w̃ = w + n`` at a WNR in dB),
   :class:`MultiplicativeWeightNoise` (device variation ``w̃ = w·(1 + ε)``) and
   :class:`Quantization` (uniform, b bits).  A *leaf filter* chooses the leaves; the
-  default skips normalization parameters and non-floating leaves.
+  default skips normalization parameters, running statistics, buffers and non-floating
+  leaves, in Flax trees and in PyTorch flat ``state_dict`` names alike
+  (:func:`default_leaf_filter`; :func:`state_dict_leaf_filter` also looks at a module's
+  contents); :func:`selected_leaves` lists what a filter picks.
 
 Example::
 
@@ -34,13 +37,14 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate
 from noisejax.errors import InvalidArgumentError
@@ -50,7 +54,9 @@ __all__ = [
     "apply_neuron_noise",
     "LeafFilter",
     "default_leaf_filter",
-    "all_float_leaves",
+    "state_dict_leaf_filter",
+    "selected_leaves",
+    "LeafSelection",
     "path_names",
     "wnr_to_noise_power",
     "noise_power",
@@ -76,7 +82,7 @@ def _as_leaf(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float, np.ndarray, np.number)):
-        return jnp.asarray(value, dtype=jnp.result_type(float))
+        return jax.device_put(np.asarray(value, dtype=jnp.result_type(float)))  # no conversion program to compile
     return value  # jax arrays, tracers, and placeholders jax puts in pytrees (ArgInfo, sentinels)
 
 
@@ -144,7 +150,9 @@ class NeuronNoise:
 
 
 def _normal(key: Array, shape: tuple[int, ...], dtype) -> Array:
-    return jax.random.normal(key, shape, dtype)
+    from noisejax import rng
+
+    return rng.normal(key, shape, dtype)
 
 
 def apply_neuron_noise(y: Array, noise: Optional[NeuronNoise], *, key: Array, sampler=_normal) -> Array:
@@ -190,7 +198,18 @@ def apply_neuron_noise(y: Array, noise: Optional[NeuronNoise], *, key: Array, sa
 # Parameter pytrees: leaf filters
 # ----------------------------------------------------------------------------------
 
-_NORM_RE = re.compile(r"(norm|^bn(\d+|_.*)?$|batch_stats)", re.IGNORECASE)
+# A leaf's *tokens* are the names on its key path, each split at "." — so Flax nested names
+# (("params", "BatchNorm_0", "scale")) and PyTorch flat state_dict keys ("layer1.0.bn1.weight")
+# are read the same way.
+#: a token naming a normalization layer: anything with "norm" (BatchNorm_0, LayerNorm, norm1,
+#: layer_norm, GroupNorm), bn / bn1 / bn_x, ln / ln_1 / ln_f (GPT-2), batch_stats (Flax)
+_NORM_RE = re.compile(r"norm|^(bn|ln)(\d+|_.*)?$|^batch_stats$", re.IGNORECASE)
+#: last tokens of PyTorch buffers that are never weights
+_BUFFER_NAMES = frozenset({"running_mean", "running_var", "num_batches_tracked", "position_ids", "token_type_ids",
+                           "masked_bias"})
+#: containers whose Sequential index 1 is a BatchNorm by convention: the (Conv, BatchNorm) pair of
+#: torchvision ResNet's ``downsample`` and of the CIFAR ResNets' ``shortcut`` (e.g. kuangliu/pytorch-cifar)
+_CONV_BN_CONTAINERS = frozenset({"downsample", "shortcut"})
 
 
 def path_names(path: tuple) -> tuple[str, ...]:
@@ -206,20 +225,129 @@ def path_names(path: tuple) -> tuple[str, ...]:
     return tuple(names)
 
 
-def default_leaf_filter(path: tuple, leaf: Any) -> bool:
-    """Perturb floating-point leaves except normalization parameters and statistics.
+def _tokens(path: tuple) -> tuple[str, ...]:
+    return tuple(tok for name in path_names(path) for tok in name.split(".") if tok)
 
-    A leaf is skipped when any name on its path matches ``norm`` (``BatchNorm_0``,
-    ``LayerNorm``, ``GroupNorm``...), ``bn``/``bn1``/``bn_*`` or ``batch_stats``.
-    """
+
+def _skip_reason(path: tuple, leaf: Any) -> Optional[str]:
+    """Why :func:`default_leaf_filter` skips a leaf (``None``: it is perturbed)."""
     if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
-        return False
-    return not any(_NORM_RE.search(name) for name in path_names(path))
+        return "not floating point"
+    tokens = _tokens(path)
+    norm = next((t for t in tokens if _NORM_RE.search(t)), None)
+    if norm is not None:
+        return f"normalization ({norm})"
+    if tokens and tokens[-1] in _BUFFER_NAMES:
+        return f"buffer ({tokens[-1]})"
+    for prev, tok in zip(tokens, tokens[1:]):
+        if tok == "1" and prev in _CONV_BN_CONTAINERS:
+            return f"BatchNorm of a Conv-BN pair ({prev}.1)"
+    return None
 
 
-def all_float_leaves(path: tuple, leaf: Any) -> bool:
-    """Perturb every floating-point leaf."""
-    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+def default_leaf_filter(path: tuple, leaf: Any) -> bool:
+    """Perturb floating-point leaves except normalization parameters, statistics and buffers.
+
+    The names on a leaf's key path are split at ``"."`` into tokens, so nested Flax
+    trees and flat PyTorch ``state_dict`` keys are read alike.  A leaf is skipped when
+
+    * a token names a normalization layer: it contains ``norm`` (``BatchNorm_0``,
+      ``LayerNorm``, ``norm1``, ``layer_norm``, ``GroupNorm``...), or is ``bn``/``bn1``/``bn_*``,
+      ``ln``/``ln_1``/``ln_f`` or ``batch_stats``;
+    * its last token is a buffer: ``running_mean``, ``running_var``, ``num_batches_tracked``,
+      ``position_ids``, ``token_type_ids``, ``masked_bias``;
+    * it sits at index ``1`` of a ``downsample`` or ``shortcut`` container — the
+      ``Sequential(Conv, BatchNorm)`` of torchvision's ResNet (``layer2.0.downsample.1.weight``)
+      and of the CIFAR ResNets (``layer2.0.shortcut.1.weight``);
+    * it is not floating point.
+
+    Limits: names alone cannot tell a BatchNorm inside another ``Sequential`` (VGG-BN's
+    ``features.1.weight``) or a normalization layer under a name without ``norm``/``bn``/``ln``;
+    :func:`state_dict_leaf_filter` looks at the whole tree (sibling ``running_mean``, 1-D
+    ``weight``) and catches both.  Check with :func:`selected_leaves`.
+    """
+    return _skip_reason(path, leaf) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModuleFilter:
+    """``base`` plus: skip every leaf of the modules in ``skip`` (hashable: usable as a static field)."""
+
+    base: Callable = default_leaf_filter
+    skip: frozenset = frozenset()
+
+    def __call__(self, path: tuple, leaf: Any) -> bool:
+        tokens = _tokens(path)
+        return bool(self.base(path, leaf)) and ".".join(tokens[:-1]) not in self.skip
+
+    def reason(self, path: tuple) -> Optional[str]:
+        module = ".".join(_tokens(path)[:-1])
+        return f"normalization module {module} (running statistics or a 1-D weight)" if module in self.skip else None
+
+
+def state_dict_leaf_filter(params: PyTree, base: LeafFilter = default_leaf_filter) -> LeafFilter:
+    """A leaf filter for ``params`` that also recognizes normalization modules by their *contents*.
+
+    Besides what ``base`` skips, every leaf of a module (its key path without the last
+    token) is skipped when that module has a ``running_mean`` or ``running_var`` leaf (a
+    BatchNorm, whatever its name or index, e.g. VGG-BN's ``features.1``) or a 1-D
+    ``weight`` leaf (a LayerNorm / GroupNorm / BatchNorm affine scale: PyTorch's Linear,
+    Conv and Embedding weights have two or more dimensions).  The result is hashable.
+
+    Example::
+
+        >>> filt = noise.state_dict_leaf_filter(state_dict)
+        >>> noisy = noise.add_weight_noise(state_dict, 10.0, key=key, leaf_filter=filt)
+    """
+    skip = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        tokens = _tokens(path)
+        if not tokens:
+            continue
+        module, last = ".".join(tokens[:-1]), tokens[-1]
+        if last in ("running_mean", "running_var") or (last == "weight" and np.ndim(leaf) == 1):
+            skip.add(module)
+    return _ModuleFilter(base, frozenset(skip))
+
+
+class LeafSelection(NamedTuple):
+    """One row of :func:`selected_leaves`."""
+
+    name: str
+    shape: tuple
+    dtype: str
+    selected: bool
+    reason: str  # why it is skipped ("" when selected)
+
+
+def selected_leaves(params: PyTree, leaf_filter: LeafFilter = default_leaf_filter) -> tuple[LeafSelection, ...]:
+    """Every leaf of ``params`` with whether weight noise (``leaf_filter``) will perturb it, and why not.
+
+    Names are ``jax.tree_util.keystr``-like paths joined with ``/`` (a flat PyTorch key
+    stays as it is).  Run it before a study to see what the filter chose.
+
+    Example::
+
+        >>> for row in noise.selected_leaves({"conv1.weight": w, "bn1.weight": g, "bn1.running_mean": m}):
+        ...     print(row.name, row.selected, row.reason or "-")
+        bn1.running_mean False normalization (bn1)
+        bn1.weight False normalization (bn1)
+        conv1.weight True -
+    """
+    rows = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        sel = bool(leaf_filter(path, leaf))
+        reason = ""
+        if not sel:
+            if isinstance(leaf_filter, _ModuleFilter):
+                reason = _skip_reason(path, leaf) or leaf_filter.reason(path) or "leaf_filter"
+            elif leaf_filter is default_leaf_filter:
+                reason = _skip_reason(path, leaf) or ""
+            else:
+                reason = "leaf_filter"
+        dtype = str(getattr(leaf, "dtype", type(leaf).__name__))
+        rows.append(LeafSelection("/".join(path_names(path)), tuple(np.shape(leaf)), dtype, sel, reason))
+    return tuple(rows)
 
 
 def _map_selected(params: PyTree, leaf_filter: LeafFilter, f: Callable[[int, Any], Any]) -> PyTree:
@@ -314,7 +442,7 @@ def add_weight_noise(
         if p is None:
             out.append(leaf)
         else:
-            n = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            n = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             out.append(leaf + jnp.sqrt(p).astype(leaf.dtype) * n)
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -380,7 +508,7 @@ class MultiplicativeWeightNoise:
 
     def apply(self, params: PyTree, *, key: Array) -> PyTree:
         def perturb(k, leaf):
-            eps = jax.random.normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
+            eps = _normal(jax.random.fold_in(key, k), leaf.shape, leaf.dtype)
             return leaf * (1 + jnp.sqrt(self.variance).astype(leaf.dtype) * eps)
 
         return _map_selected(params, self.leaf_filter, perturb)

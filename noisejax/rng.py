@@ -8,6 +8,12 @@ noisy forward pass (≈14 ns per normal on a 2-core CPU) and its compile time.
 32-bit words: ``bits(k, c) = fmix32(fmix32(c·φ ⊕ k₀) + k₁)``, with key derivation
 (``fold_in``/``split``) through the same hash under distinct domain constants.
 
+:func:`normal` draws standard normals from these bits 2–3× faster than
+``jax.random.normal`` (which inverts the error function): one 32-bit word per
+normal, split into a radius, an angle and a sign (the Box–Muller transform with one
+cosine per draw, see :func:`normal`).  The noise models use it; for keys of
+other generators it *is* ``jax.random.normal``.
+
 It is a drop-in JAX key implementation: every ``jax.random`` function,
 ``fold_in``, ``split``, ``vmap`` over keys, and noisejax's chunk- and
 device-invariant Monte Carlo engine work unchanged.  It is *not* for
@@ -26,11 +32,15 @@ Example::
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.extend.random import define_prng_impl
 
-__all__ = ["IMPL", "key", "IMPLS", "make_key"]
+__all__ = ["IMPL", "key", "IMPLS", "make_key", "normal"]
 
 _PHI = 0x9E3779B9
 _FOLD = 0x85EBCA77
@@ -54,6 +64,7 @@ def _hash(k0, k1, c):
     return _fmix32(_fmix32(c * _u32(_PHI) ^ k0) + k1)
 
 
+@jax.jit  # one program, not one per operation: keys are made eagerly
 def _seed(seed):
     s = jnp.asarray(seed)
     lo = _u32(s.astype(jnp.uint32) if s.dtype != jnp.uint32 else s)
@@ -118,3 +129,55 @@ def make_key(seed: int, rng: str = "fast") -> jax.Array:
 
     _validate.check_choice("rng", rng, tuple(IMPLS))
     return jax.random.key(seed, impl=IMPLS[rng])
+
+
+# cos(x) on [0, π/2] as a polynomial in x² (minimax fit; max error 2e-10, below float32 rounding)
+_COS = (0.9999999997809103, -0.4999999935868035, 0.0416666362628099, -0.0013888361444164138,
+        2.476016312877305e-05, -2.605152134016464e-07)
+_RADIUS_BITS = 20  # bits 12..31: the radius; bits 1..11: the angle; bit 0: the sign
+_ANGLE_BITS = 11
+
+
+def normal(key: jax.Array, shape=(), dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws of ``shape``; fast for keys of this generator.
+
+    For a key of :data:`IMPL` (``float32``, ``float16`` or ``bfloat16``) each draw is
+    one 32-bit word ``w`` of :func:`jax.random.bits` turned into
+    ``z = ±√(−2 ln u) · cos φ`` (Box–Muller with a random sign instead of the second
+    cosine): ``u = (w[12:32] + ½)/2²⁰`` (20 bits), ``φ = (w[1:12] + ½)·(π/2)/2¹¹``
+    (11 bits), the sign from bit 0.  This is N(0, 1) up to the resolution of the
+    bits: the angle's midpoint grid integrates every ``cos^k`` with ``k < 8192``
+    exactly, and the radius grid truncates the tails at ``|z| = 5.38`` (probability
+    7·10⁻⁸; ``jax.random.normal``'s 23-bit uniforms truncate at 5.42).  The moments,
+    tails and correlations are checked in ``tests/test_rng.py``.
+
+    Any other key (threefry, rbg, raw ``uint32`` keys) or dtype (``float64``) gives
+    ``jax.random.normal(key, shape, dtype)`` exactly.
+
+    Example::
+
+        >>> z = normal(key(0), (3, 4))   # like jax.random.normal(key(0), (3, 4))
+    """
+    dtype = jnp.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    if not _is_fast_key(key) or dtype not in (jnp.float32, jnp.float16, jnp.bfloat16):
+        return jax.random.normal(key, shape, dtype)
+    return _normal(key, shape, dtype)
+
+
+def _is_fast_key(key) -> bool:
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and jax.random.key_impl(key) == IMPL
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+    w = jax.random.bits(key, shape, jnp.uint32)
+    to_float = lambda b: b.astype(jnp.int32).astype(jnp.float32)  # noqa: E731  (exact: < 2**24)
+    u = (to_float(w >> (32 - _RADIUS_BITS)) + 0.5) * (2.0 ** -_RADIUS_BITS)
+    phi = (to_float((w >> 1) & ((1 << _ANGLE_BITS) - 1)) + 0.5) * (math.pi / 2 / 2**_ANGLE_BITS)
+    x2 = phi * phi
+    cos = jnp.float32(_COS[-1])
+    for c in _COS[-2::-1]:
+        cos = cos * x2 + c
+    z = jnp.sqrt(-2.0 * jnp.log(u)) * cos
+    return jnp.where((w & 1) != 0, -z, z).astype(dtype)

@@ -12,7 +12,8 @@ products, on the shapes the backend sees.  The engine therefore fixes both:
 * **Tiles.**  Realizations ``[jT, (j+1)T)`` (``T = tile_size``) are always computed
   together by one ``vmap`` of ``fn`` of width ``T`` — the same shapes whatever the
   chunk size or device count — and reduced to tile statistics (count, mean, sum
-  of squared deviations: a two-pass reduction over the fixed tile axis).
+  of squared deviations) in one pass over the tile's rows, in order, of sums of the
+  values shifted by the tile's first row (no cancellation for large means).
   Chunks are whole numbers of tiles, so every tile is reduced exactly once; only
   the last tile of a run is partial (masked), and it is the same in any chunking.
 * **Streams.**  Tile ``j`` is merged (Chan et al.'s parallel formula) into the
@@ -23,6 +24,10 @@ products, on the shapes the backend sees.  The engine therefore fixes both:
 * **Pinned rounding.**  Optimization barriers isolate the tile computation and
   keep XLA from contracting products and sums of the merge into FMAs in some
   compilation contexts and not others.
+
+* **Compiled once per structure.**  ``fn`` is traced once per call; the arrays it
+  closes over (weights, inputs, noise intensities) become arguments of the compiled
+  chunk program, which is cached on the traced program, not on ``fn``'s identity.
 
 Hence the same ``key`` gives bitwise the same statistics for any ``chunk_size``
 and any device count that divides ``streams`` — also across processes after
@@ -42,12 +47,13 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -60,10 +66,16 @@ __all__ = ["MCResult", "Welford", "monte_carlo", "realization_keys", "merge", "f
 
 PyTree = Any
 _AXIS = "streams"
-# Compiled chunk programs, keyed by the realization function and the static
-# configuration: calling monte_carlo again with the same ``fn`` skips compilation.
+# Compiled chunk programs, keyed by the *program* of the realization function (its
+# jaxpr, with the arrays it closes over lifted to arguments) and the static
+# configuration: calling monte_carlo again with a new closure of the same structure
+# (other weights, inputs or noise intensities of the same shapes) skips compilation.
 _CHUNK_CACHE: "collections.OrderedDict" = collections.OrderedDict()
 _CHUNK_CACHE_SIZE = 32
+# Tile statistics: rows of the tile handled per scan step (small outputs are unrolled
+# so that one step touches about _ROW_BLOCK elements).
+_ROW_BLOCK = 4096
+_MAX_UNROLL = 64
 
 
 # ----------------------------------------------------------------------------------
@@ -81,7 +93,7 @@ class Welford:
 
 
 @struct.dataclass
-class MCResult:
+class MCResult(_snr.Statistics):
     """Statistics over realizations, one entry per leaf of ``fn``'s output.
 
     Attributes:
@@ -99,41 +111,47 @@ class MCResult:
     var: PyTree
 
     @property
-    def std(self) -> PyTree:
-        return jax.tree_util.tree_map(jnp.sqrt, self.var)
-
-    @property
     def stderr(self) -> PyTree:
         return jax.tree_util.tree_map(lambda v: jnp.sqrt(v / self.count), self.var)
 
-    @property
-    def snr(self) -> PyTree:
-        return jax.tree_util.tree_map(_snr.snr, self.mean, self.var)
-
-    @property
-    def snr_db(self) -> PyTree:
-        return jax.tree_util.tree_map(_snr.snr_db, self.mean, self.var)
-
-    @property
-    def layer_snr_db(self) -> PyTree:
-        """Per leaf (e.g. per layer of ``return_layers`` outputs): ``10·log10(Σ mean² / Σ var)``."""
-        return jax.tree_util.tree_map(_snr.layer_snr_db, self.mean, self.var)
-
 
 def _tile_stats(x: PyTree, valid: jax.Array) -> Welford:
-    """Statistics of the valid rows of a tile (leading axis), two-pass, fixed shape."""
+    """Statistics of the valid rows of a tile (leading axis): one fused pass, fixed order.
+
+    Each leaf is reduced by a sequential scan over the tile's rows (a column
+    reduction over the leading axis, which XLA's CPU reduce emitter handles poorly,
+    becomes one vectorized add per row) of the *shifted* values ``d = x - x₀``
+    (``x₀``: the tile's first row, always a valid one): ``s = Σ d``, ``q = Σ d²``;
+    then ``mean = x₀ + s/n`` and ``m2 = q - s·(s/n)``.  The shift keeps the sums at
+    the scale of the spread, so the one-pass formula does not cancel catastrophically
+    (a large mean costs nothing).  Rows are added in increasing order: the result
+    depends only on the tile's values.
+    """
     count = jnp.sum(valid.astype(jnp.int32), dtype=jnp.int32)
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    rows = valid.shape[0]
+    shifts = [v[0] for v in leaves]
+    size = sum(int(math.prod(v.shape[1:])) for v in leaves)
+    unroll = max(1, min(rows, _ROW_BLOCK // max(size, 1), _MAX_UNROLL))
 
-    def one(v):
-        m = valid.reshape(valid.shape + (1,) * (v.ndim - 1))
-        # explicit reciprocal: XLA may turn x / n into x * (1/n) in some programs only
-        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(v.dtype))
-        mean = lax.optimization_barrier(jnp.sum(jnp.where(m, v, 0), axis=0)) * inv
-        m2 = jnp.sum(jnp.where(m, jnp.square(v - mean), 0), axis=0)
-        return mean, m2
+    def body(carry, xs):
+        ok, row = xs
+        out = []
+        for (s, q), r, x0 in zip(carry, row, shifts):
+            d = jnp.where(ok, r - x0, 0)
+            out.append((s + d, q + d * d))
+        return out, None
 
-    mean, m2 = _map_pairs(one, x)
-    return Welford(count, mean, m2)
+    zeros = [(jnp.zeros_like(x0), jnp.zeros_like(x0)) for x0 in shifts]
+    sums, _ = lax.scan(body, zeros, (valid, leaves), unroll=unroll)
+    mean, m2 = [], []
+    for (s, q), x0 in zip(sums, shifts):
+        # explicit reciprocal and barriers: the same rounding in every program
+        inv = lax.optimization_barrier(1.0 / jnp.maximum(count, 1).astype(x0.dtype))
+        ds = lax.optimization_barrier(s * inv)
+        mean.append(x0 + ds)
+        m2.append(jnp.maximum(q - lax.optimization_barrier(s * ds), 0))
+    return Welford(count, jax.tree_util.tree_unflatten(treedef, mean), jax.tree_util.tree_unflatten(treedef, m2))
 
 
 def _map_pairs(f, *trees):
@@ -222,8 +240,11 @@ def _shard_map(f, mesh, in_specs, out_specs):
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh):
-    """Compile-once function ``(state, key_data, start, stop) -> state`` for one chunk.
+def _build_chunk_fn(fn, rebuild_key, *, tile, streams, rounds, mesh):
+    """Compile-once function ``(state, consts, key_data, start, stop) -> state`` for one chunk.
+
+    ``fn(consts, key)`` is one realization; ``consts`` (the arrays the user's function
+    closes over) are arguments, replicated over the devices.
 
     ``start`` is a multiple of ``tile`` (chunks are whole tiles); each stream
     processes at most ``rounds`` of the chunk's tiles, in increasing order.
@@ -231,23 +252,23 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
     n_dev = mesh.devices.size
     local_streams = streams // n_dev
 
-    def tile_values(key_data, j):
+    def tile_values(consts, key_data, j):
         base = j * tile
         idx = (base + jnp.arange(tile, dtype=jnp.uint32)).astype(jnp.uint32)
         key = rebuild_key(key_data)
-        return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(idx)
+        return jax.vmap(lambda i: fn(consts, jax.random.fold_in(key, i)))(idx)
 
-    def update_with_tile(acc, key_data, j, start, stop):
+    def update_with_tile(acc, consts, key_data, j, start, stop):
         # Barriers isolate the tile's computation from the program around it, so XLA
         # fuses (and rounds) it the same way whatever the chunk size or device count.
-        key_data, j = lax.optimization_barrier((key_data, j))
-        vals = lax.optimization_barrier(tile_values(key_data, j))
+        consts, key_data, j = lax.optimization_barrier((consts, key_data, j))
+        vals = lax.optimization_barrier(tile_values(consts, key_data, j))
         idx = j * tile + jnp.arange(tile, dtype=jnp.uint32)
         valid = (idx >= start) & (idx < stop)
         stats = lax.optimization_barrier(_tile_stats(vals, valid))
         return merge(acc, stats)
 
-    def local(state, dev_ids, key_data, start, stop):
+    def local(state, dev_ids, consts, key_data, start, stop):
         # The device index arrives as data (not lax.axis_index) so that a 1-device run
         # cannot constant-fold it and compile the tile differently from a sharded run.
         dev = dev_ids[0]
@@ -263,7 +284,7 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
                 j = first_tile + offset + q * jnp.uint32(streams)
                 lo, hi = j * tile, (j + 1) * tile
                 needed = (hi > start) & (lo < stop)
-                a = lax.cond(needed, lambda a_: update_with_tile(a_, key_data, j, start, stop), lambda a_: a_, a)
+                a = lax.cond(needed, lambda a_: update_with_tile(a_, consts, key_data, j, start, stop), lambda a_: a_, a)
                 return a, None
 
             acc, _ = lax.scan(per_round, acc, jnp.arange(rounds, dtype=jnp.uint32))
@@ -273,10 +294,30 @@ def _build_chunk_fn(fn, rebuild_key, out_struct, *, tile, streams, rounds, mesh)
         return new
 
     spec_state = P(_AXIS)
-    sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P()), out_specs=spec_state)
+    sharded = _shard_map(local, mesh, in_specs=(spec_state, spec_state, P(), P(), P(), P()), out_specs=spec_state)
     compiled = jax.jit(sharded, donate_argnums=0)
-    dev_ids = jax.device_put(jnp.arange(n_dev, dtype=jnp.uint32), NamedSharding(mesh, spec_state))
-    return lambda state, key_data, start, stop: compiled(state, dev_ids, key_data, start, stop)
+    dev_ids = jax.device_put(np.arange(n_dev, dtype=np.uint32), NamedSharding(mesh, spec_state))
+    return lambda state, consts, key_data, start, stop: compiled(state, dev_ids, consts, key_data, start, stop)
+
+
+def _trace(fn, key):
+    """Trace one realization: ``(flat_fn, consts, out_struct, program)``.
+
+    ``flat_fn(consts, key)`` evaluates ``fn``'s jaxpr with the arrays it closes over
+    (``consts``: weights, inputs, noise intensities) as arguments; ``program`` is a
+    hashable description of everything else (the jaxpr's text, the constants' shapes
+    and dtypes, the output structure), the key of the compilation cache.
+    """
+    closed, out_struct = jax.make_jaxpr(fn, return_shape=True)(key)
+    out_tree = jax.tree_util.tree_structure(out_struct)
+    jaxpr = closed.jaxpr
+    consts = list(closed.consts)
+
+    def flat_fn(consts, key):
+        return jax.tree_util.tree_unflatten(out_tree, jax.core.eval_jaxpr(jaxpr, consts, key))
+
+    avals = tuple((tuple(np.shape(c)), str(getattr(c, "dtype", type(c))), bool(getattr(c, "weak_type", False))) for c in consts)
+    return flat_fn, consts, out_struct, (str(jaxpr), avals, out_tree)
 
 
 def _empty_state(out_struct, streams, sharding) -> Welford:
@@ -314,6 +355,7 @@ def monte_carlo(
     progress: bool = False,
     description: str = "realizations",
     check_finite: bool = False,
+    precision_check: bool = True,
 ) -> MCResult:
     """Streaming Monte Carlo statistics of ``fn(fold_in(key, i))``, ``i < n_realizations``.
 
@@ -335,6 +377,9 @@ def monte_carlo(
       check_finite: debug mode; raise :class:`noisejax.errors.NonFiniteError` naming
         the first output leaf (e.g. the first layer of ``return_layers`` outputs)
         whose statistics contain NaN or inf.
+      precision_check: warn (:class:`noisejax.errors.PrecisionWarning`) for output leaves
+        whose mean or variance float32 accumulation may shift by more than one standard
+        error (large ``|mean|/std`` and many realizations; bounds in ``docs/precision.md``).
 
     Returns:
       :class:`MCResult` with ``count``, ``mean``, ``var`` (and ``stderr``, ``snr``...).
@@ -343,8 +388,8 @@ def monte_carlo(
     independent of ``n_realizations``.
     """
     n = _validate.check_int("n_realizations", n_realizations, minimum=2)
-    if n >= 2**32:
-        raise InvalidArgumentError(f"n_realizations must be < 2**32, got {n}")
+    if n >= 2**31:  # the realization count is accumulated in int32
+        raise InvalidArgumentError(f"n_realizations must be < 2**31, got {n}")
     tile = _validate.check_int("tile_size", tile_size, minimum=1)
     streams = _validate.check_int("streams", streams, minimum=1)
     devices = list(jax.devices() if devices is None else devices)
@@ -361,19 +406,17 @@ def monte_carlo(
     if not callable(fn):
         raise InvalidArgumentError("fn must be callable: fn(key) -> pytree of arrays")
     key_data, rebuild = _key_codec(key)
-    out_struct = jax.eval_shape(fn, rebuild(key_data))
+    flat_fn, consts, out_struct, program = _trace(fn, rebuild(key_data))
 
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     state_sharding = NamedSharding(mesh, P(_AXIS))
     state = _empty_state(out_struct, streams, state_sharding)
-    cache_key = (fn, str(key.dtype), jax.tree_util.tree_structure(out_struct), tuple(jax.tree_util.tree_leaves(out_struct)),
-                 tile, streams, rounds, tuple(devices))
-    chunk_fn = _CHUNK_CACHE.get(cache_key)
-    if chunk_fn is None:
-        chunk_fn = _build_chunk_fn(fn, rebuild, out_struct, tile=tile, streams=streams, rounds=rounds, mesh=mesh)
-        _CHUNK_CACHE[cache_key] = chunk_fn
-        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
-            _CHUNK_CACHE.popitem(last=False)
+    consts = jax.device_put(consts, NamedSharding(mesh, P()))
+    chunk_fn = _chunk_program((program, str(key.dtype), tile, streams, rounds, tuple(devices)),
+                              lambda: _build_chunk_fn(flat_fn, rebuild, tile=tile, streams=streams, rounds=rounds, mesh=mesh))
+
+    # compiled before the chunks are dispatched, so that compiling it does not overlap the computation
+    finalize_fn = _finalizer(*_structure(state))
 
     bar = None
     if progress:
@@ -383,17 +426,35 @@ def monte_carlo(
     try:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            state = chunk_fn(state, key_data, jnp.uint32(start), jnp.uint32(stop))
+            state = chunk_fn(state, consts, key_data, np.uint32(start), np.uint32(stop))  # NumPy: nothing to compile
             if bar is not None:
                 jax.block_until_ready(state.count)
                 bar.update(stop - start)
     finally:
         if bar is not None:
             bar.close()
-    result = _finalize_sharded(state, mesh)
+    result = _finalize_sharded(state, mesh, finalize_fn)
     if check_finite:
         _raise_if_nonfinite(result)
+    if precision_check:  # float32 accumulation limits (noisejax._precision, docs/precision.md)
+        from noisejax import _precision
+        from noisejax.errors import PrecisionWarning
+
+        for message in _precision.check_result(result, n, tile, streams):
+            warnings.warn(message, PrecisionWarning, stacklevel=2)
     return result
+
+
+def _chunk_program(cache_key, build: Callable[[], Any]):
+    """The compiled chunk program for ``cache_key`` (the traced program and the static setup), built on a miss."""
+    chunk_fn = _CHUNK_CACHE.get(cache_key)
+    if chunk_fn is None:
+        chunk_fn = _CHUNK_CACHE[cache_key] = build()
+        while len(_CHUNK_CACHE) > _CHUNK_CACHE_SIZE:
+            _CHUNK_CACHE.popitem(last=False)
+    else:
+        _CHUNK_CACHE.move_to_end(cache_key)
+    return chunk_fn
 
 
 def _raise_if_nonfinite(result: MCResult) -> None:
@@ -411,15 +472,30 @@ def _raise_if_nonfinite(result: MCResult) -> None:
             )
 
 
-def _finalize_sharded(state: Welford, mesh: Mesh) -> MCResult:
+def _finalize_sharded(state: Welford, mesh: Mesh, finalize_fn) -> MCResult:
     """Gather the accumulators (small: streams × output) and merge them on one device.
 
     The merge runs on a single device with a fixed program, so its rounding is the
     same whatever the number of devices that produced the accumulators.
     """
-    gathered = _replicator(NamedSharding(mesh, P()))(state)
-    local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), gathered)
-    return _finalize_local(local)
+    if mesh.devices.size > 1:
+        state = _replicator(NamedSharding(mesh, P()))(state)
+    local = jax.tree_util.tree_map(lambda x: jax.device_put(x.addressable_data(0), jax.local_devices()[0]), state)
+    return finalize_fn(local)
+
+
+def _structure(state: Welford):
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _finalizer(treedef, specs):
+    """``_finalize_local`` compiled for accumulators of this structure on the first local device."""
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    abstract = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in specs])
+    return _finalize_local.lower(abstract).compile()
 
 
 @functools.lru_cache(maxsize=16)

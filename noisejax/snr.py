@@ -19,10 +19,13 @@ noise variance — what :func:`noisejax.simulate.monte_carlo` estimates and
   SNR near −∞ dB and would dominate such a mean (on a trained sigmoid MLP the two
   differ by 50 dB), while it carries almost no signal power.
 
-Every place that reports an SNR uses these functions: ``MCResult.snr``,
-``MCResult.snr_db`` and ``MCResult.layer_snr_db`` (:mod:`noisejax.simulate`), the
-same properties of :class:`noisejax.moments.LayerMoments`, the ``noisejax
-propagate`` / ``noisejax demo`` tables and JSON, and the experiments.
+Every place that reports an SNR uses these functions: the properties of
+:class:`Statistics` (``snr``, ``snr_db``, ``layer_snr_db``) that
+``MCResult`` (:mod:`noisejax.simulate`) and :class:`noisejax.moments.LayerMoments`
+have, the output SNR of :class:`noisejax.train.NoisyEval` and
+:func:`noisejax.mitigate.output_snr` (:func:`layer_snr` with ``count``: the unbiased
+Monte Carlo estimator), the ``noisejax propagate`` / ``noisejax demo`` tables and
+JSON, and the experiments.
 
 Zero noise gives ``+inf`` (``nan`` where the mean is zero too); nothing is clipped.
 The functions take JAX arrays (and work under ``jit``/``vmap``) or NumPy arrays
@@ -49,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DEFINITION", "snr", "snr_db", "layer_snr", "layer_snr_db", "layer_snr_db_stderr_bound"]
+__all__ = ["DEFINITION", "snr", "snr_db", "layer_snr", "layer_snr_db", "layer_snr_db_stderr_bound", "Statistics"]
 
 #: One-line statement of the definition (echoed by the CLI's JSON output).
 DEFINITION = "per output: 10*log10(mean^2/var); layer: 10*log10(sum(mean^2)/sum(var)) over the layer's outputs and inputs"
@@ -142,3 +145,34 @@ def layer_snr_db_stderr_bound(mean: Any, var: Any, count: Any, axis: Axis = None
     d_signal = 2.0 * xp.sum(xp.abs(mean) * xp.sqrt(var / n), axis=ax)
     with _errstate(xp):
         return (10.0 / math.log(10.0)) * (d_signal / signal + xp.sqrt(2.0 / (n - 1.0)))
+
+
+class Statistics:
+    """Mixin: the SNRs of this module for a class with ``mean`` and ``var`` (pytrees of the same structure).
+
+    Each property maps its definition over the leaves (one result per leaf, e.g. per
+    layer of ``return_layers`` outputs).
+    """
+
+    mean: Any
+    var: Any
+
+    @property
+    def std(self) -> Any:
+        """Noise standard deviation ``√var`` per entry."""
+        return jax.tree_util.tree_map(jnp.sqrt, self.var)
+
+    @property
+    def snr(self) -> Any:
+        """Per output: ``mean² / var`` (:func:`snr`)."""
+        return jax.tree_util.tree_map(snr, self.mean, self.var)
+
+    @property
+    def snr_db(self) -> Any:
+        """Per output, in dB: ``10·log10(mean² / var)`` (:func:`snr_db`)."""
+        return jax.tree_util.tree_map(snr_db, self.mean, self.var)
+
+    @property
+    def layer_snr_db(self) -> Any:
+        """Per leaf: the layer summary ``10·log10(Σ mean² / Σ var)`` (:func:`layer_snr_db`)."""
+        return jax.tree_util.tree_map(layer_snr_db, self.mean, self.var)

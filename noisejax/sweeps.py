@@ -1,4 +1,4 @@
-"""Accuracy-vs-WNR sweeps for noisy weights, grid searches, dB gains and plots.
+"""Accuracy-vs-WNR sweeps for noisy weights, grid searches and dB gains (no files, no plots).
 
 * :func:`accuracy_sweep` — for each WNR point, ``R`` noise realizations and every
   estimator evaluated in **one compiled call** (the WNR is a traced argument, so the
@@ -11,9 +11,12 @@
 * :func:`wnr_at_accuracy` / :func:`gain_db` — the WNR at which a curve reaches a
   target accuracy (linear interpolation between measured points) and the gain
   ``WNR_ML(target) − WNR_est(target)`` in dB.
-* :func:`plot_accuracy_curves` — mean ± std bands, PNG (Agg backend).
 
-Resumable sweeps: with ``store=FOLDER`` every finished WNR point is written
+Plots and report claims of these curves live at the edge, in :mod:`noisejax.study`
+(:func:`noisejax.study.plots.plot_accuracy_curves`, :func:`noisejax.study.claims.gain_claims`).
+
+Resumable sweeps: ``store=`` takes a point store, e.g.
+``noisejax.study.files.PointStore(FOLDER)``: every finished WNR point is written
 atomically to ``FOLDER/point-IIII.npz`` (temporary file + rename, SHA-256 of the
 arrays, a fingerprint of everything the point depends on: data, clean weights,
 estimators, WNR, key, ``R``).  A restarted sweep loads the points whose file is
@@ -21,6 +24,8 @@ intact and whose fingerprint matches, and recomputes the others (missing,
 truncated, corrupted or computed for other inputs) — a killed sweep finishes with
 bitwise the same result as an uninterrupted one.  ``logits_fn`` itself cannot be
 fingerprinted: give each model function its own folder (or a ``store_key``).
+This module itself writes no file: it only calls the store's ``bind`` and
+``get_or_compute`` (any object with these two methods is a point store).
 
 Example::
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -45,8 +51,9 @@ import numpy as np
 
 from noisejax import _validate
 from noisejax import noise as _noise
-from noisejax import store as _files
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
+from noisejax.simulate import realization_keys
+from noisejax.train import accuracy
 
 __all__ = [
     "accuracy_sweep",
@@ -55,16 +62,10 @@ __all__ = [
     "wnr_at_accuracy",
     "gain_db",
     "gains_table",
-    "plot_accuracy_curves",
-    "gain_claims",
 ]
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
-
-
-def _accuracy(logits: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(logits, -1) == y)
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,7 +80,7 @@ def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size):
             noisy = _noise.add_weight_noise(
                 variables, wnr, key=k, reference=reference, scope=scope, leaf_filter=leaf_filter
             )
-            return jnp.stack([_accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
+            return jnp.stack([accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
 
         return jax.lax.map(one, keys, batch_size=batch_size)
 
@@ -101,7 +102,7 @@ def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size):
 
             def score(e):
                 den = e(noisy, pw, wnr_db=wnr)
-                return {name: _accuracy(logits_fn(den, x), y) for name, (x, y) in arrays.items()}
+                return {name: accuracy(logits_fn(den, x), y) for name, (x, y) in arrays.items()}
 
             return jax.lax.map(score, grid, batch_size=grid_batch_size)
 
@@ -110,8 +111,32 @@ def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size):
     return point
 
 
-def _realization_keys(key: jax.Array, n: int) -> jax.Array:
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+class _NoStore:
+    """Computes every point (``store=None``)."""
+
+    reused = 0
+
+    def bind(self, identity, data=None):
+        return self
+
+    def get_or_compute(self, i, ident, compute, data=None):
+        return {k: np.asarray(v) for k, v in compute().items()}, False
+
+
+def _point_store(store: Any, identity: dict, data: Any):
+    """The sweep's bound point store (``None``: every point is computed, nothing is kept)."""
+    if store is None:
+        return _NoStore()
+    if isinstance(store, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"store={os.fspath(store)!r} is a folder: pass store=noisejax.study.files.PointStore({os.fspath(store)!r}) "
+            "(the core of noisejax writes no file itself)"
+        )
+    if not (callable(getattr(store, "bind", None)) and callable(getattr(store, "get_or_compute", None))):
+        raise InvalidArgumentError(
+            f"store must be None or a point store such as noisejax.study.files.PointStore(folder), got {type(store).__name__}"
+        )
+    return store.bind(identity, data)
 
 
 def _check_data(x: Any, y: Any) -> tuple[jax.Array, jax.Array]:
@@ -155,7 +180,7 @@ def accuracy_sweep(
       reference, scope: WNR definition (see :func:`noisejax.noise.noise_power`).
       batch_size: realizations evaluated together (``lax.map`` batch; default all).
       progress: a tqdm bar over the WNR points.
-      store: folder for resumable points (see the module docstring); ``None``: keep nothing.
+      store: a point store for resumable points (see the module docstring); ``None``: keep nothing.
       store_key: extra JSON-able identity of the sweep (e.g. the model's name).
       on_point: ``on_point(i, reused)`` after WNR point ``i`` is finished (and stored).
 
@@ -182,12 +207,10 @@ def accuracy_sweep(
 
     point = _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size)
 
-    keys = _realization_keys(key, n_realizations)
+    keys = realization_keys(key, jnp.arange(n_realizations))
     t0 = time.perf_counter()
-    points = _files.PointStore(store, {} if store is None else {
-        "kind": "accuracy_sweep", "names": names, "R": n_realizations, "reference": reference, "scope": scope,
-        "data": _files.tree_digest((variables, x, y, key)), "store_key": store_key,
-    })
+    points = _point_store(store, {"kind": "accuracy_sweep", "names": names, "R": n_realizations, "reference": reference,
+                                  "scope": scope, "store_key": store_key}, (variables, x, y, key))
     rows = []
     iterator = enumerate(grid)
     if progress:
@@ -196,9 +219,9 @@ def accuracy_sweep(
         iterator = tqdm(iterator, total=len(grid), desc="WNR sweep", leave=False)
     for i, w in iterator:
         ests = [per_point[n][i] for n in names]
-        ident = {} if store is None else {"wnr_db": float(w), "estimators": _files.tree_digest(ests)}
         arrays, reused = points.get_or_compute(
-            i, ident, lambda: {"acc": point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)}
+            i, {"wnr_db": float(w)}, lambda: {"acc": point(variables, x, y, jnp.asarray(w, jnp.result_type(float)), keys, ests)},
+            ests,
         )
         rows.append(np.asarray(arrays["acc"]))
         if on_point is not None:
@@ -248,11 +271,9 @@ def grid_accuracies(
     point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size)
 
     _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
-    keys = _realization_keys(key, n_realizations)
-    points = _files.PointStore(store, {} if store is None else {
-        "kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
-        "data": _files.tree_digest((variables, arrays, grid, key)), "store_key": store_key,
-    })
+    keys = realization_keys(key, jnp.arange(n_realizations))
+    points = _point_store(store, {"kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
+                                  "store_key": store_key}, (variables, arrays, grid, key))
     rows = []
     for i, w in enumerate(np.asarray(wnr_db, dtype=float)):
         row, reused = points.get_or_compute(
@@ -338,122 +359,3 @@ def gains_table(
 
 def _json_float(v: float) -> Optional[float]:
     return float(v) if math.isfinite(v) else None
-
-
-def plot_accuracy_curves(
-    wnr_db: Sequence[float],
-    curves: Mapping[str, Any],
-    path: str,
-    *,
-    title: str = "",
-    targets: Sequence[float] = (),
-    xlabel: str = "WNR (dB)",
-    ylabel: str = "test accuracy",
-    styles: Optional[Mapping[str, dict]] = None,
-    panels: Optional[Sequence[tuple[str, Sequence[str]]]] = None,
-    reference: Optional[str] = None,
-    band_label: str = "±1 std over realizations",
-    target_label: str = "accuracy target of the dB gains",
-) -> str:
-    """Mean ± 1 std vs WNR for each curve (``(W, R)`` arrays or ``(W,)`` means) to a PNG at ``path``.
-
-    Args:
-      styles: maps a curve name to extra matplotlib line keywords (e.g. ``{"ls": "--"}``).
-      panels: ``[(panel title, [curve names]), ...]`` — one panel each, side by side
-        with a shared y axis (a crowded figure split up); curves of no panel are not
-        drawn.  ``None``: one panel with every curve.
-      reference: a curve drawn in every panel (e.g. ``"ML"``), in black.
-      band_label, target_label: legend text of the shaded bands and of the dotted
-        horizontal lines at ``targets``.
-
-    A curve keeps its colour in every panel; within a panel curves differ by marker and
-    dash too, and the reference is a wide translucent line underneath, so curves that
-    coincide stay visible.  Bands (±1 std) are drawn for the reference and, when a panel
-    has at most two other curves, for those too (more would hide each other).  The
-    legend of each panel is under it; ``styles[name]["label"]`` renames a curve there.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    w = np.asarray(wnr_db, dtype=float)
-    names = list(curves)
-    if panels is None:
-        panels = [("", names)]
-    panels = [(t, [n for n in ns if n in curves]) for t, ns in panels]
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["#8c564b", "#7f7f7f", "#bcbd22", "#17becf"]
-    others = [n for n in names if n != reference]
-    color = {n: palette[i % len(palette)] for i, n in enumerate(others)}
-    if reference is not None:
-        color[reference] = "#000000"
-    n_panels = len(panels)
-    fig, axes = plt.subplots(1, n_panels, figsize=(5.2 * n_panels if n_panels > 1 else 6.4, 5.0), dpi=120,
-                             sharey=True, squeeze=False)
-    markers, dashes = ("o", "s", "^", "D", "v", "x"), ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), ":", "-")
-    for ax, (panel_title, members) in zip(axes[0], panels):
-        shown = ([reference] if reference is not None and reference in curves and reference not in members else []) + members
-        banded = [n for n in shown if n == reference or len([m for m in shown if m != reference]) <= 2]
-        for i, name in enumerate(shown):
-            a = np.asarray(curves[name], dtype=float)
-            mean = a.mean(axis=1) if a.ndim == 2 else a
-            if name == reference:
-                kw = {"marker": "o", "ms": 4, "lw": 4.5, "alpha": 0.45, "zorder": 1}
-            else:
-                j = i - (reference in shown)
-                kw = {"marker": markers[j % len(markers)], "ms": 3.5, "ls": dashes[j % len(dashes)], "lw": 1.4,
-                      "mfc": "none", "zorder": 3}
-            kw = {"color": color[name], "label": name, **kw, **((styles or {}).get(name, {}))}
-            (line,) = ax.plot(w, mean, **kw)
-            if name in banded and a.ndim == 2 and a.shape[1] > 1:
-                std = a.std(axis=1)
-                ax.fill_between(w, mean - std, mean + std, color=line.get_color(), alpha=0.13, lw=0, zorder=0)
-        for t in targets:
-            ax.axhline(t, color="gray", lw=0.8, ls=":")
-        ax.set_xlabel(xlabel)
-        if panel_title:
-            ax.set_title(panel_title, fontsize=9.5)
-        ax.grid(alpha=0.3)
-        handles, _ = ax.get_legend_handles_labels()
-        if targets:
-            handles.append(Line2D([], [], color="gray", lw=0.8, ls=":",
-                                  label=f"{target_label} ({', '.join(f'{100 * t:g} %' for t in targets)})"))
-        if any(np.ndim(curves[n]) == 2 and np.shape(curves[n])[1] > 1 for n in banded):
-            only = "" if len(banded) == len(shown) else f" ({', '.join(banded)} only)"
-            handles.append(Patch(color="gray", alpha=0.3, lw=0, label=band_label + only))
-        ax.legend(handles=handles, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
-    axes[0][0].set_ylabel(ylabel)
-    if title:
-        fig.suptitle(title, fontsize=10.5)
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def gain_claims(summary: dict, thresholds: dict, *, figure: str, target: str = "60") -> list:
-    """Claims for the reproduce report from ``summary[model][estimator][target] = gain_db``.
-
-    ``thresholds`` maps a lower-case substring of an estimator name to the gain in dB it must
-    reach (e.g. ``{"compensated": 1.0, "learned": 4.1}``); estimators matching none are listed
-    with ``holds=None`` (reported, no claim).
-    """
-    claims = []
-    for model, per_est in summary.items():
-        for est, gains in per_est.items():
-            key = next((k for k in gains if str(k).rstrip("%") == str(target).rstrip("%")), None)
-            if key is None:
-                key = next(iter(gains), None)
-            gain = None if key is None else gains[key]
-            need = next((v for k, v in thresholds.items() if k in est.lower()), None)
-            claims.append({
-                "claim": f"{model}: {est} gains >= {need} dB over ML at {key} accuracy" if need is not None
-                         else f"{model}: {est} gain over ML at {key} accuracy",
-                "figure": figure,
-                "measured": "not reached" if gain is None else f"{gain:.2f} dB",
-                "holds": None if need is None else (gain is not None and gain >= need),
-                "note": "",
-            })
-    return claims

@@ -1,6 +1,15 @@
-"""Training and evaluating :mod:`noisejax.layers` networks under noise, with optax.
+"""Training and evaluating networks under noise, with optax: the one training loop of noisejax.
 
-Three objectives, all ``objective(params, x, y, key) -> scalar`` on a batch:
+Every trainer of the package is an objective handed to the loop of this module:
+:func:`fit` (host-driven, chunked, cached compilation) for whole trainings —
+:mod:`noisejax.layers` networks under noise, the Flax models of
+:mod:`noisejax.study.models`, the learned weight denoiser of :mod:`noisejax.denoise` —
+and :func:`scan_steps`, the same optax step in a :func:`jax.lax.scan`, for steps
+inside a larger compiled program (the devices and the server of
+:mod:`noisejax.federated`).  :func:`fit` runs its chunks with :func:`scan_steps`.
+
+Three objectives for :mod:`noisejax.layers` networks, all
+``objective(params, x, y, key) -> scalar`` on a batch:
 
 * :func:`plain_loss` — the noise-free loss ``L(net(x), y)``.
 * :func:`noise_aware_loss` — noise sampled in the forward pass (any mix of the four
@@ -17,10 +26,12 @@ Three objectives, all ``objective(params, x, y, key) -> scalar`` on a batch:
 
 :func:`fit` runs any objective with an optax optimizer inside a jitted
 :func:`jax.lax.scan` (step ``t`` uses ``fold_in(key, t)``: minibatch from
-``fold_in(·, 0)``, noise from ``fold_in(·, 1)``), reporting compile and run time
-separately.  :func:`make_evaluator` returns a compiled function for accuracy and
-output statistics over noise realizations, with the noise intensities as traced
-arguments (one compile serves a whole intensity sweep).
+``fold_in(·, 0)``, noise from ``fold_in(·, 1)``; how minibatches are drawn is a
+sampler: :class:`Minibatches` or :class:`Epochs`), reporting compile and run time
+separately.  Evaluation: :func:`accuracy` (THE accuracy of the package) and
+:func:`make_evaluator`, a compiled function for accuracy and output statistics over
+noise realizations, with the noise intensities as traced arguments (one compile
+serves a whole intensity sweep).
 
 Example::
 
@@ -47,12 +58,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 
 from noisejax import _validate, layers
 from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
+from noisejax.simulate import realization_keys
 
 __all__ = [
     "LOSSES",
@@ -64,11 +76,14 @@ __all__ = [
     "plain_loss",
     "noise_aware_loss",
     "moment_loss",
+    "Minibatches",
+    "Epochs",
     "TrainResult",
+    "optax_step",
+    "scan_steps",
     "fit",
     "train_plain",
-    "train_noise_aware",
-    "train_moment_regularized",
+    "accuracy",
     "NoisyEval",
     "make_evaluator",
 ]
@@ -125,38 +140,28 @@ def _perturb_weights(params: PyTree, weight_noise, key: Array) -> PyTree:
 # ----------------------------------------------------------------------------------
 
 
-class _Static:
-    """Hold a static object (a network, a loss) compared and hashed by identity.
+def _hashable(fn: Callable) -> Callable:
+    """``fn`` itself when hashable (functions are, by identity); else a wrapper with an identity of its own.
 
-    Lets objectives be pytrees whose intensities are traced leaves while the
-    network stays in the tree structure, so :func:`fit` reuses one compiled step
-    for every intensity.
+    Static fields of the objectives and the compile cache of :func:`fit` key on these
+    callables; an unhashable callable object still works, compiled anew for each call.
     """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def __hash__(self) -> int:
-        return id(self.value)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Static) and other.value is self.value
-
-    def __repr__(self) -> str:
-        return f"_Static({type(self.value).__name__})"
+    try:
+        hash(fn)
+        return fn
+    except TypeError:
+        return lambda *args, **kwargs: fn(*args, **kwargs)
 
 
 @struct.dataclass
 class PlainLoss:
     """Noise-free objective ``L(net(x), y)`` (build with :func:`plain_loss`)."""
 
-    _net: _Static = struct.field(pytree_node=False)
-    _loss: _Static = struct.field(pytree_node=False)
+    net: layers.Layer = struct.field(pytree_node=False)
+    loss: Callable = struct.field(pytree_node=False)
 
     def __call__(self, params, x, y, key=None):
-        return self._loss.value(layers.apply_batch(self._net.value, params, x), y)
+        return self.loss(layers.apply_batch(self.net, params, x), y)
 
 
 @struct.dataclass
@@ -169,21 +174,18 @@ class NoiseAwareLoss:
 
     noise: Any
     weight_noise: Any
-    _net: _Static = struct.field(pytree_node=False)
-    _loss: _Static = struct.field(pytree_node=False)
+    net: layers.Layer = struct.field(pytree_node=False)
+    loss: Callable = struct.field(pytree_node=False)
     n_realizations: int = struct.field(pytree_node=False, default=8)
 
     def __call__(self, params, x, y, key):
-        net, lf = self._net.value, self._loss.value
-
-        def one(r):
-            kr = jax.random.fold_in(key, r)
+        def one(kr):
             p = params
             if self.weight_noise is not None:
                 p = _perturb_weights(params, self.weight_noise, jax.random.fold_in(kr, 1))
-            return lf(layers.apply_batch(net, p, x, key=jax.random.fold_in(kr, 0), noise=self.noise), y)
+            return self.loss(layers.apply_batch(self.net, p, x, key=jax.random.fold_in(kr, 0), noise=self.noise), y)
 
-        return jnp.mean(jax.vmap(one)(jnp.arange(self.n_realizations)))
+        return jnp.mean(jax.vmap(one)(realization_keys(key, jnp.arange(self.n_realizations))))
 
 
 @struct.dataclass
@@ -192,8 +194,8 @@ class MomentLoss:
 
     noise: Any
     penalty: Array
-    _net: _Static = struct.field(pytree_node=False)
-    _loss: _Static = struct.field(pytree_node=False)
+    net: layers.Layer = struct.field(pytree_node=False)
+    loss: Callable = struct.field(pytree_node=False)
     method: str = struct.field(pytree_node=False, default="gaussian")
     covariance: str = struct.field(pytree_node=False, default="factored")
 
@@ -201,27 +203,16 @@ class MomentLoss:
         """``(mean (B, K), var (B, K))`` of the output for a batch ``x``."""
         from noisejax import moments as _moments
 
-        net = self._net.value
-
         def one(xi):
-            out = _moments.propagate(net, params, xi, noise=self.noise, method=self.method, covariance=self.covariance)[-1]
+            out = _moments.propagate(self.net, params, xi, noise=self.noise, method=self.method,
+                                     covariance=self.covariance)[-1]
             return out.mean, out.var
 
         return jax.vmap(one)(x)
 
     def __call__(self, params, x, y, key=None):
         mean, var = self.output_moments(params, x)
-        return self._loss.value(mean, y) + self.penalty * jnp.mean(jnp.sum(var, axis=-1))
-
-
-@struct.dataclass
-class _Closure:
-    """A user objective without array leaves, carried as a static field."""
-
-    fn: _Static = struct.field(pytree_node=False)
-
-    def __call__(self, params, x, y, key):
-        return self.fn.value(params, x, y, key)
+        return self.loss(mean, y) + self.penalty * jnp.mean(jnp.sum(var, axis=-1))
 
 
 def _check_net(net) -> None:
@@ -246,7 +237,7 @@ def _check_noise(noise) -> layers.NoiseArg:
 def plain_loss(net: layers.Layer, *, loss: Union[str, Callable] = "softmax_cross_entropy") -> PlainLoss:
     """Noise-free objective ``L(net(x), y)``; ``key`` is ignored."""
     _check_net(net)
-    return PlainLoss(_Static(net), _Static(_loss_fn(loss)))
+    return PlainLoss(net, _hashable(_loss_fn(loss)))
 
 
 def noise_aware_loss(
@@ -280,7 +271,7 @@ def noise_aware_loss(
     _check_net(net)
     n_realizations = _validate.check_int("n_realizations", n_realizations, minimum=1)
     _check_weight_noise(weight_noise)
-    return NoiseAwareLoss(_check_noise(noise), weight_noise, _Static(net), _Static(_loss_fn(loss)), n_realizations)
+    return NoiseAwareLoss(_check_noise(noise), weight_noise, net, _hashable(_loss_fn(loss)), n_realizations)
 
 
 def moment_loss(
@@ -310,9 +301,63 @@ def moment_loss(
 
     _validate.check_choice("method", method, _moments.METHODS)
     _validate.check_choice("covariance", covariance, _moments.COVARIANCES)
-    return MomentLoss(
-        _check_noise(noise), jnp.asarray(penalty, jnp.float32), _Static(net), _Static(_loss_fn(loss)), method, covariance
-    )
+    return MomentLoss(_check_noise(noise), jnp.asarray(penalty, jnp.float32), net, _hashable(_loss_fn(loss)), method,
+                      covariance)
+
+
+# ----------------------------------------------------------------------------------
+# Minibatch samplers
+# ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Minibatches:
+    """``batch_size`` examples per step, drawn from ``fold_in(fold_in(key, t), 0)`` for step ``t``.
+
+    ``replace=True`` (the default of :func:`fit`): indices uniform with replacement
+    (``jax.random.randint``); ``replace=False``: ``jax.random.choice(..., replace=False)``
+    (``batch_size`` at most the number of examples).
+    """
+
+    batch_size: int
+    replace: bool = True
+
+    def indices(self, key: Array, start: Array, chunk: int, n: int) -> Array:
+        """``(chunk, batch_size)`` example indices of steps ``start .. start + chunk − 1``."""
+
+        def one(t):
+            k = jax.random.fold_in(jax.random.fold_in(key, t), 0)
+            if self.replace:
+                return jax.random.randint(k, (self.batch_size,), 0, n)
+            return jax.random.choice(k, n, (self.batch_size,), replace=False)
+
+        return jax.vmap(one)(start + jnp.arange(chunk, dtype=jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Epochs:
+    """Epochs of ``⌊n / batch_size⌋`` steps: epoch ``e`` visits ``permutation(fold_in(key, e + key_offset), n)``
+    in consecutive batches (the ``n mod batch_size`` last permuted examples are skipped).
+
+    ``key_offset`` lets a recipe keep its key schedule (:func:`noisejax.study.models.train`
+    shuffles epoch ``e`` with ``fold_in(key, e + 1)``: ``key`` itself initialized the model).
+    """
+
+    batch_size: int
+    key_offset: int = 0
+
+    def indices(self, key: Array, start: Array, chunk: int, n: int) -> Array:
+        """``(chunk, batch_size)`` example indices of steps ``start .. start + chunk − 1`` (``start`` a multiple of ``chunk``)."""
+        per_epoch = max(1, n // self.batch_size)
+        # epochs a chunk spans: exactly chunk/per_epoch when chunks are whole epochs
+        span = chunk // per_epoch if chunk % per_epoch == 0 else (chunk - 1) // per_epoch + 2
+        first = start // per_epoch
+        perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(key, e + self.key_offset), n))(
+            first + jnp.arange(span, dtype=jnp.int32)
+        )
+        t = start + jnp.arange(chunk, dtype=jnp.int32)
+        cols = (t % per_epoch)[:, None] * self.batch_size + jnp.arange(self.batch_size, dtype=jnp.int32)[None, :]
+        return perms[(t // per_epoch - first)[:, None], cols]
 
 
 # ----------------------------------------------------------------------------------
@@ -329,19 +374,83 @@ class TrainResult:
       losses: ``(steps,)`` NumPy array, the objective at each step (before its update).
       compile_seconds: time to trace and compile the training step.
       run_seconds: wall time of the steps themselves.
+      state: the final non-trained state (e.g. BatchNorm statistics) of a stateful
+        objective, ``None`` otherwise.
     """
 
     params: PyTree
     losses: np.ndarray
     compile_seconds: float
     run_seconds: float
+    state: Any = None
 
     @property
     def seconds_per_step(self) -> float:
         return self.run_seconds / max(len(self.losses), 1)
 
 
-def _check_data(x, y) -> tuple[Array, Array]:
+def optax_step(loss: Callable, optimizer: optax.GradientTransformation, params: PyTree, opt_state: Any, *args):
+    """One optax step: ``(value, aux), g = value_and_grad(loss, has_aux=True)(params, *args)``, then the update.
+
+    Returns ``(params', opt_state', value, aux)`` with ``params' = params + optimizer.update(g, ...)``.
+    The one optax update of the package (:func:`scan_steps`, :func:`fit`).
+    """
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params, *args)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, value, aux
+
+
+def scan_steps(
+    loss: Callable,
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: Any,
+    state: Any = None,
+    xs: Any = None,
+    *,
+    length: Optional[int] = None,
+    active: Optional[Array] = None,
+):
+    """Optax steps in one :func:`jax.lax.scan`, for use inside jitted code (vmap it freely).
+
+    Step ``i``: ``(value, state') = loss(params, state, x_i)`` with ``x_i = xs[i]``
+    (``None`` when ``xs`` is ``None``: give ``length``), the gradient taken w.r.t.
+    ``params`` only, then one :func:`optax_step`.  ``state`` carries what is not trained
+    (BatchNorm statistics; ``None`` if nothing).  With ``active`` (a ``(steps,)`` bool
+    array) an inactive step leaves ``params``, ``opt_state`` and ``state`` unchanged.
+
+    Returns:
+      ``((params, opt_state, state), values)`` with ``values`` the ``(steps,)`` losses
+      (each before its step's update).
+
+    Example::
+
+        >>> loss = lambda p, st, b: (jnp.mean((x[b] @ p - y[b]) ** 2), st)
+        >>> (p, s, _), losses = scan_steps(loss, opt, p0, opt.init(p0), None, batches)
+    """
+
+    def step(carry, inp):
+        p, s, st = carry
+        x, on = inp
+        new = optax_step(loss, optimizer, p, s, st, x)
+        new_carry, value = (new[0], new[1], new[3]), new[2]
+        if on is not None:
+            new_carry = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new_carry, carry)
+        return new_carry, value
+
+    return lax.scan(step, (params, opt_state, state), (xs, active), length=length)
+
+
+def _check_data(x, y) -> tuple[Any, Optional[Array]]:
+    """``x`` an array (or a pytree of arrays) with a leading example axis, ``y`` integer labels or ``None``."""
+    if y is None:
+        x = jax.tree_util.tree_map(jnp.asarray, x)
+        sizes = {int(a.shape[0]) if a.ndim else -1 for a in jax.tree_util.tree_leaves(x)}
+        if len(sizes) != 1 or -1 in sizes or 0 in sizes:
+            raise ShapeMismatchError(f"data arrays must share one non-empty leading axis, got sizes {sorted(sizes)}")
+        for a in jax.tree_util.tree_leaves(x):
+            _validate.check_finite("x", np.asarray(a))
+        return x, None
     x = jnp.asarray(x)
     y = jnp.asarray(y)
     if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0]:
@@ -365,71 +474,71 @@ def _default_optimizer() -> optax.GradientTransformation:
     return _DEFAULT_OPTIMIZER[0]
 
 
-def _make_run_chunk(opt, batch_size: Optional[int], chunk: int, objective_def):
+def _make_run_chunk(opt, sampler, chunk: int, stateful: bool, masked: bool, objective_def):
     def run_chunk(objective_leaves, carry, start, steps, key, x, y):
         # the objective travels as leaves: rebuilding it here (from tracers) keeps
         # dataclass validators away from jax's lowering placeholders
         objective = jax.tree_util.tree_unflatten(objective_def, objective_leaves)
-        n = x.shape[0]
+        n = jax.tree_util.tree_leaves(x)[0].shape[0]
+        ts = start + jnp.arange(chunk, dtype=jnp.int32)
+        idx = None if sampler is None else sampler.indices(key, start, chunk, n)
 
-        def step(c, t):
-            p, s = c
-            kt = jax.random.fold_in(key, t)
-            if batch_size is None:
-                xb, yb = x, y
-            else:
-                idx = jax.random.randint(jax.random.fold_in(kt, 0), (batch_size,), 0, n)
-                xb, yb = x[idx], y[idx]
-            value, grads = jax.value_and_grad(objective)(p, xb, yb, jax.random.fold_in(kt, 1))
-            updates, s_new = opt.update(grads, s, p)
-            p_new = optax.apply_updates(p, updates)
-            active = t < steps
-            keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
-            return (jax.tree_util.tree_map(keep, p_new, p), jax.tree_util.tree_map(keep, s_new, s)), value
+        def loss(p, st, inp):
+            t, i = inp
+            xb, yb = (x, y) if i is None else jax.tree_util.tree_map(lambda a: a[i], (x, y))
+            k = jax.random.fold_in(jax.random.fold_in(key, t), 1)
+            if stateful:
+                return objective(p, st, xb, yb, k)
+            return objective(p, xb, yb, k), st
 
-        return lax.scan(step, carry, start + jnp.arange(chunk, dtype=jnp.int32))
+        return scan_steps(loss, opt, *carry, xs=(ts, idx), active=(ts < steps) if masked else None)
 
     return jax.jit(run_chunk)
 
 
-def _compiled_chunk(opt, batch_size, chunk, objective_def, args) -> tuple[Any, float]:
+def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) -> tuple[Any, float]:
     """Compiled chunk for these argument types (cached), and the seconds spent compiling."""
     leaves, treedef = jax.tree_util.tree_flatten(args)
-    sig = (
-        _Static(opt),
-        batch_size,
-        chunk,
-        objective_def,
-        treedef,
-        tuple((tuple(l.shape), str(l.dtype), bool(getattr(l, "weak_type", False))) for l in leaves),
-    )
-    try:
-        hit = _COMPILED.get(sig)
-    except TypeError:  # an unhashable static field somewhere: compile without caching
-        sig, hit = None, None
+    sig = (opt, sampler, chunk, stateful, masked, objective_def, treedef,
+           tuple((tuple(l.shape), str(l.dtype), bool(getattr(l, "weak_type", False))) for l in leaves))
+    hit = _COMPILED.get(sig)
     if hit is not None:
         _COMPILED.move_to_end(sig)
         return hit, 0.0
     t0 = time.perf_counter()
-    compiled = _make_run_chunk(opt, batch_size, chunk, objective_def).lower(*args).compile()
+    compiled = _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).lower(*args).compile()
     seconds = time.perf_counter() - t0
-    if sig is not None:
-        _COMPILED[sig] = compiled
-        while len(_COMPILED) > _COMPILED_MAX:
-            _COMPILED.popitem(last=False)
+    _COMPILED[sig] = compiled
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
     return compiled, seconds
+
+
+def _sampler(batch_size: Optional[int], sampler: Any):
+    if sampler is None:
+        if batch_size is None:
+            return None
+        return Minibatches(_validate.check_int("batch_size", batch_size, minimum=1))
+    if batch_size is not None:
+        raise InvalidArgumentError("give batch_size= or sampler=, not both (a sampler has its own batch_size)")
+    if not callable(getattr(sampler, "indices", None)):
+        raise InvalidArgumentError(f"sampler must be a noisejax.train.Minibatches or Epochs, got {type(sampler).__name__}")
+    _validate.check_int("sampler.batch_size", sampler.batch_size, minimum=1)
+    return sampler
 
 
 def fit(
     objective: Objective,
     params: PyTree,
-    x: Array,
-    y: Array,
+    x: Any,
+    y: Optional[Array] = None,
     *,
     key: Array,
     optimizer: Optional[optax.GradientTransformation] = None,
     steps: int = 500,
     batch_size: Optional[int] = None,
+    sampler: Any = None,
+    state: Any = None,
     chunk: int = 100,
     progress: bool = False,
     description: str = "training",
@@ -438,22 +547,30 @@ def fit(
 
     Step ``t`` (0-based) uses ``k_t = fold_in(key, t)``: a minibatch of
     ``batch_size`` indices drawn with replacement from ``fold_in(k_t, 0)`` (the full
-    set when ``batch_size`` is ``None``) and ``objective(params, xb, yb, fold_in(k_t, 1))``.
-    Steps run ``chunk`` at a time in one compiled :func:`jax.lax.scan` (steps past
-    ``steps`` in the last chunk are masked), so the result does not depend on ``chunk``.
+    set when ``batch_size`` is ``None``; another ``sampler`` draws them otherwise) and
+    ``objective(params, xb, yb, fold_in(k_t, 1))``.  Steps run ``chunk`` at a time in
+    one compiled :func:`scan_steps` (steps past ``steps`` in the last chunk are
+    masked), so the result does not depend on ``chunk``.
 
-    The compiled chunk is cached by the optimizer object, ``batch_size``, ``chunk``
-    and the structure/shapes of the arguments: objectives built by
+    The compiled chunk is cached by the optimizer object, the sampler, ``chunk`` and
+    the structure/shapes of the arguments: objectives built by
     :func:`noise_aware_loss` / :func:`moment_loss` that differ only in intensities
     (pytree leaves) reuse it — pass the same ``optimizer`` object to benefit.
 
     Args:
       objective: ``objective(params, x, y, key) -> scalar`` (see :func:`plain_loss`,
         :func:`noise_aware_loss`, :func:`moment_loss`; any callable works, the
-        built-in ones are pytrees).
+        built-in ones are pytrees).  With ``state``:
+        ``objective(params, state, x, y, key) -> (scalar, new_state)``.
       params: initial parameters (e.g. ``net.init(key, in_shape)[1]``).
-      x, y: training inputs ``(n, *in_shape)`` and integer labels ``(n,)``.
+      x, y: training inputs ``(n, *in_shape)`` and integer labels ``(n,)``; or ``x`` a
+        tuple of arrays with one leading axis ``n`` and ``y=None`` (the objective then
+        gets the tuple's minibatch and ``None``).
       optimizer: default ``optax.adam(1e-2)``.
+      batch_size, sampler: minibatches (:class:`Minibatches`, :class:`Epochs`); one of
+        the two, ``batch_size=b`` meaning ``Minibatches(b)``.
+      state: initial non-trained state carried from step to step (e.g. BatchNorm
+        statistics), returned as :attr:`TrainResult.state`.
       progress: tqdm bar over chunks.
 
     Returns:
@@ -467,20 +584,20 @@ def fit(
     x, y = _check_data(x, y)
     steps = _validate.check_int("steps", steps, minimum=1)
     chunk = min(_validate.check_int("chunk", chunk, minimum=1), steps)
-    if batch_size is not None:
-        batch_size = _validate.check_int("batch_size", batch_size, minimum=1)
+    sampler = _sampler(batch_size, sampler)
     if not callable(objective):
         raise InvalidArgumentError("objective must be callable: objective(params, x, y, key) -> scalar")
     if not all(isinstance(leaf, (jax.Array, np.ndarray, np.generic)) for leaf in jax.tree_util.tree_leaves(objective)):
-        objective = _Closure(_Static(objective))  # a plain function: static, cached by identity
+        objective = jax.tree_util.Partial(_hashable(objective))  # a plain function: static, cached by identity
     opt = _default_optimizer() if optimizer is None else optimizer
     if not isinstance(opt, optax.GradientTransformation):
         raise InvalidArgumentError(f"optimizer must be an optax.GradientTransformation, got {type(opt).__name__}")
-    carry = (params, opt.init(params))
+    carry = (params, opt.init(params), state)
     steps_arr = jnp.int32(steps)
     obj_leaves, obj_def = jax.tree_util.tree_flatten(objective)
-    compiled, compile_s = _compiled_chunk(opt, batch_size, chunk, obj_def, (obj_leaves, carry, jnp.int32(0), steps_arr, key, x, y))
-
+    # the last chunk is masked past `steps` (no mask when every chunk is full)
+    compiled, compile_s = _compiled_chunk(opt, sampler, chunk, state is not None, steps % chunk != 0, obj_def,
+                                          (obj_leaves, carry, jnp.int32(0), steps_arr, key, x, y))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -501,7 +618,7 @@ def fit(
             bar.close()
     run_s = time.perf_counter() - t0
     losses = np.concatenate([np.asarray(v) for v in losses])[:steps]
-    return TrainResult(carry[0], losses, compile_s, run_s)
+    return TrainResult(carry[0], losses, compile_s, run_s, carry[2])
 
 
 def train_plain(net: layers.Layer, params: PyTree, x: Array, y: Array, *, key: Array, loss="softmax_cross_entropy", **fit_kwargs) -> TrainResult:
@@ -509,46 +626,23 @@ def train_plain(net: layers.Layer, params: PyTree, x: Array, y: Array, *, key: A
     return fit(plain_loss(net, loss=loss), params, x, y, key=key, **fit_kwargs)
 
 
-def train_noise_aware(
-    net: layers.Layer,
-    params: PyTree,
-    x: Array,
-    y: Array,
-    *,
-    key: Array,
-    noise: layers.NoiseArg = None,
-    weight_noise=None,
-    n_realizations: int = 8,
-    loss="softmax_cross_entropy",
-    **fit_kwargs,
-) -> TrainResult:
-    """:func:`fit` with :func:`noise_aware_loss`."""
-    objective = noise_aware_loss(net, noise=noise, weight_noise=weight_noise, n_realizations=n_realizations, loss=loss)
-    return fit(objective, params, x, y, key=key, **fit_kwargs)
-
-
-def train_moment_regularized(
-    net: layers.Layer,
-    params: PyTree,
-    x: Array,
-    y: Array,
-    *,
-    key: Array,
-    noise: layers.NoiseArg,
-    penalty: float = 1.0,
-    method: str = "gaussian",
-    covariance: str = "factored",
-    loss="softmax_cross_entropy",
-    **fit_kwargs,
-) -> TrainResult:
-    """:func:`fit` with :func:`moment_loss` (``key`` only draws minibatches)."""
-    objective = moment_loss(net, noise=noise, penalty=penalty, method=method, covariance=covariance, loss=loss)
-    return fit(objective, params, x, y, key=key, **fit_kwargs)
-
-
 # ----------------------------------------------------------------------------------
 # Evaluation under noise
 # ----------------------------------------------------------------------------------
+
+
+def accuracy(logits: Array, labels: Array) -> Array:
+    """Fraction of correct argmax predictions — THE accuracy of noisejax.
+
+    ``logits (..., B, K)``, ``labels (B,)`` → ``(...)``: ``mean_b [argmax_k logits_bk = labels_b]``
+    (a scalar for one batch; ``(R,)`` for ``R`` realizations stacked in front).
+
+    Example::
+
+        >>> float(accuracy(jnp.array([[2.0, 1.0], [0.0, 3.0]]), jnp.array([0, 0])))
+        0.5
+    """
+    return jnp.mean(jnp.argmax(logits, axis=-1) == labels, axis=-1)
 
 
 @struct.dataclass
@@ -559,6 +653,9 @@ class NoisyEval:
       accuracy: ``(R,)`` test accuracy of each realization.
       output_mean: ``(B, K)`` mean output over realizations.
       output_var: ``(B, K)`` variance over realizations (``ddof=1``).
+
+    The derived statistics work on JAX or NumPy leaves alike (``jax.tree_util.tree_map(np.asarray, ev)``
+    gives them in NumPy, without small compiled programs).
     """
 
     accuracy: Array
@@ -568,11 +665,16 @@ class NoisyEval:
     @property
     def mean_accuracy(self) -> Array:
         """Accuracy under noise: the mean over realizations."""
-        return jnp.mean(self.accuracy)
+        return self.accuracy.mean()
+
+    @property
+    def accuracy_std(self) -> Array:
+        """Spread of the accuracy over realizations (population std, ``ddof=0``)."""
+        return self.accuracy.std()
 
     @property
     def snr(self) -> Array:
-        """Output SNR ``Σ mean² / Σ var`` over inputs and outputs.
+        """Output SNR ``Σ mean² / Σ var`` over inputs and outputs (:func:`noisejax.snr.layer_snr`).
 
         ``Σ mean²`` is estimated without bias as ``Σ (m̂² − v̂/R)`` (the sample mean of
         ``R`` realizations carries ``var/R`` of noise power), so that few realizations
@@ -600,13 +702,12 @@ def make_evaluator(net: layers.Layer, *, n_realizations: int = 32) -> Callable[.
 
     @jax.jit
     def _evaluate(params, x, y, noise, weight_noise, key):
-        def one(r):
-            kr = jax.random.fold_in(key, r)
+        def one(kr):
             p = params if weight_noise is None else weight_noise.apply(params, key=jax.random.fold_in(kr, 1))
             return layers.apply_batch(net, p, x, key=jax.random.fold_in(kr, 0), noise=noise)
 
-        outs = jax.vmap(one)(jnp.arange(R))  # (R, B, K)
-        acc = jnp.mean(jnp.argmax(outs, axis=-1) == y[None, :], axis=-1)
+        outs = jax.vmap(one)(realization_keys(key, jnp.arange(R)))  # (R, B, K)
+        acc = accuracy(outs, y)
         var = jnp.var(outs, axis=0, ddof=1) if R > 1 else jnp.zeros_like(outs[0])
         return NoisyEval(acc, jnp.mean(outs, axis=0), var)
 

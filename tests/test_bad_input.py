@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import checkpoint, data, denoise, layers, meanfield, mitigate, moments, noise, reproduce, rng
+from noisejax import data, denoise, layers, meanfield, mitigate, moments, noise, rng
+from noisejax.study import files
+from noisejax.study import reproduce
 from noisejax import simulate, sweeps, train
 from noisejax.errors import DataFormatError, InvalidArgumentError, NoisejaxError, ShapeMismatchError
 
@@ -131,7 +133,7 @@ CASES = [
                                                       key=KEY, steps=1), ShapeMismatchError, r"y .*5"),
     # --- denoisers and sweeps -------------------------------------------------------------
     ("estimator-unknown", lambda t: denoise.estimator("wiener"), InvalidArgumentError, r"estimator .*wiener"),
-    ("mmse-noise-negative", lambda t: denoise.mmse(W_TREE, -1.0), InvalidArgumentError,
+    ("mmse-noise-negative", lambda t: denoise.MMSE()(W_TREE, -1.0), InvalidArgumentError,
      r"noise_power must be a variance >= 0"),
     ("sweep-target", lambda t: sweeps.wnr_at_accuracy([0.0, 10.0], [0.5, 0.9], float("nan")), InvalidArgumentError,
      r"target must be finite"),
@@ -146,9 +148,9 @@ CASES = [
      r"3073"),
     ("dataset-unknown", lambda t: data.load("imagenet"), InvalidArgumentError, r"dataset .*imagenet"),
     ("mnist-missing-dir", lambda t: data.load_mnist(t / "nowhere"), InvalidArgumentError, r"data_dir .*nowhere.* does not exist"),
-    ("checkpoint-garbage", lambda t: checkpoint.load(_write(t / "model.msgpack", b"not a checkpoint")), DataFormatError,
+    ("checkpoint-garbage", lambda t: files.load(_write(t / "model.msgpack", b"not a checkpoint")), DataFormatError,
      r"model\.msgpack"),
-    ("checkpoint-unwritable", lambda t: checkpoint.save(_a_file(t) / "m.msgpack", W_TREE), InvalidArgumentError,
+    ("checkpoint-unwritable", lambda t: files.save(_a_file(t) / "m.msgpack", W_TREE), InvalidArgumentError,
      r"cannot write .*m\.msgpack"),
     ("reproduce-unwritable", lambda t: reproduce.run(out=_a_file(t) / "report", only="symmetric_depth"),
      InvalidArgumentError, r"--out .*cannot create the report folder"),

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import cli, convert
+from noisejax import cli
+from noisejax.study import convert
 from noisejax.errors import DataFormatError, InvalidArgumentError, ShapeMismatchError
 
 _ST = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64"}

@@ -8,13 +8,15 @@ follow from the number of realizations (5 standard errors of the difference).
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import layers, noise, rng, simulate
+from noisejax import _precision, layers, noise, rng, simulate
+from noisejax.errors import InvalidArgumentError, PrecisionWarning
 
 N_REAL = 4096
 WIDTHS = [6, 8, 5]
@@ -179,16 +181,35 @@ def test_jit_and_eager_and_repeated_runs_agree(network):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_engine_equals_direct_vmap_statistics(network):
-    fn = _mixed_fn(network)
-    n = 300
-    res = simulate.monte_carlo(fn, rng.key(9), n, chunk_size=7)
-    keys = simulate.realization_keys(rng.key(9), jnp.arange(n, dtype=jnp.uint32))
-    samples = jax.vmap(fn)(keys)
+def _assert_statistics_of_the_samples(fn, key, res):
+    """``res`` (count, mean, unbiased var) equals float64 statistics of fn(fold_in(key, i)), i < count."""
+    n = int(res.count)
+    samples = jax.vmap(fn)(simulate.realization_keys(key, jnp.arange(n, dtype=jnp.uint32)))
     for s, m, v in zip(samples, res.mean, res.var):
         s = np.asarray(s, np.float64)
         np.testing.assert_allclose(m, s.mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(v, s.var(0, ddof=1), rtol=1e-4, atol=1e-9)
+
+
+def test_engine_equals_direct_vmap_statistics(network):
+    fn = _mixed_fn(network)
+    res = simulate.monte_carlo(fn, rng.key(9), 300, chunk_size=7)
+    assert int(res.count) == 300
+    _assert_statistics_of_the_samples(fn, rng.key(9), res)
+
+
+@pytest.mark.parametrize("streams", [3, 6, 8])
+def test_any_stream_count_keeps_every_realization(network, streams):
+    """Non-power-of-two stream counts: the pairwise merge keeps the leftover accumulator (count and
+    statistics of all 3000 realizations, against the samples themselves), bitwise for two chunk sizes."""
+    fn = _mixed_fn(network)
+    n = 3000  # 46.9 tiles of 64: a partial last tile, tiles not a multiple of the stream count
+    res = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=448)
+    assert int(res.count) == n
+    _assert_statistics_of_the_samples(fn, rng.key(9), res)
+    other = simulate.monte_carlo(fn, rng.key(9), n, streams=streams, chunk_size=64 * streams * 3)
+    for a, b in zip(jax.tree_util.tree_leaves(res), jax.tree_util.tree_leaves(other)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
 _DEVICE_SCRIPT = r"""
@@ -228,7 +249,8 @@ def test_streaming_variance_float32_large_mean():
     """Mean 10³× the std over 10⁷ samples: float32 streaming statistics match a float64 reference."""
     n, chunk = 10_000_000, 1_000_000
     fn = lambda k: 1000.0 + jax.random.normal(k, (4,), jnp.float32)
-    res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, streams=8)
+    with pytest.warns(PrecisionWarning, match="accumulation may shift"):  # |mean|/std = 1000 over 10⁷
+        res = simulate.monte_carlo(fn, jax.random.key(0), n, tile_size=4096, streams=8)
     # reference: the same samples, shifted by the known 1000 and summed in float64 (no cancellation)
     sample = jax.jit(jax.vmap(fn))
     s1 = s2 = 0.0
@@ -246,6 +268,36 @@ def test_streaming_variance_float32_large_mean():
     # the naive formula in float32 is far off: the test can tell them apart
     naive = (n2 / np.float32(n) - np.square(n1 / np.float32(n))) * n / (n - 1)
     assert np.max(np.abs(naive / ref_var - 1)) > 1e-2
+    # the documented bounds (docs/precision.md) hold here, beyond the sizes they were fitted on
+    eps = float(np.finfo(np.float32).eps)
+    err_mean = np.max(np.abs(np.asarray(res.mean, np.float64) - ref_mean) / np.sqrt(ref_var / n))
+    err_var = np.max(np.abs(np.asarray(res.var, np.float64) - ref_var) / (ref_var * np.sqrt(2 / n)))
+    assert err_mean <= _precision.mean_error_bound(1000.0, n, 4096, 8, eps), err_mean
+    assert err_var <= _precision.var_error_bound(1000.0, n, 4096, 8, eps), err_var
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_precision_bounds_hold_and_warn_only_beyond_one_standard_error(offset):
+    """float32 statistics of offset + N(0, 1) against float64 statistics of the same samples."""
+    n, tile, streams = 200_000, 64, 8
+    fn = lambda k: offset + jax.random.normal(k, (16,), jnp.float32)  # noqa: E731
+    eps = float(np.finfo(np.float32).eps)
+    bm, bv = (f(offset, n, tile, streams, eps) for f in (_precision.mean_error_bound, _precision.var_error_bound))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = simulate.monte_carlo(fn, jax.random.key(1), n, tile_size=tile, streams=streams)
+    warned = [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert bool(warned) == (max(bm, bv) > 1.0), (bm, bv, [str(w.message) for w in warned])
+    keys = simulate.realization_keys(jax.random.key(1), jnp.arange(n, dtype=jnp.uint32))
+    x = np.asarray(jax.jit(jax.vmap(fn))(keys), np.float64) - offset
+    mean, var = offset + x.mean(0), x.var(0, ddof=1)
+    assert np.max(np.abs(np.asarray(res.mean, np.float64) - mean) / np.sqrt(var / n)) <= bm
+    assert np.max(np.abs(np.asarray(res.var, np.float64) - var) / (var * np.sqrt(2 / n))) <= bv
+
+
+def test_realization_count_limit():
+    with pytest.raises(InvalidArgumentError, match="2\\*\\*31"):
+        simulate.monte_carlo(lambda k: jax.random.normal(k, (2,)), jax.random.key(0), 2**31)
 
 
 def test_result_derived_quantities():

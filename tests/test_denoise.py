@@ -1,4 +1,4 @@
-"""Tests of noisejax.denoise, noisejax.sweeps (gains, sweeps, grid search) and noisejax.checkpoint.
+"""Tests of noisejax.denoise, noisejax.sweeps (gains, sweeps, grid search) and noisejax.study.files.
 
 Statistical tolerances follow from the sample sizes (≈5 sampling standard deviations);
 closed forms are re-derived here with NumPy.
@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import checkpoint, denoise, models, noise, sweeps
-from noisejax.errors import DataFormatError, InvalidArgumentError
+from noisejax import denoise, noise, sweeps
+from noisejax.study import files, models
+from noisejax.study.plots import plot_accuracy_curves
+from noisejax.errors import DataFormatError, InvalidArgumentError, ShapeMismatchError
 
 
 # ----------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def test_mmse_side_info_equals_closed_form_posterior_mean(tree):
     p = 0.2
     noisy = noise.add_weight_noise(tree, 0.0, key=jax.random.key(2))  # any noisy tree; the formula is exact
     prior = denoise.clean_prior(tree)
-    hat = denoise.mmse(noisy, p, prior=prior)
+    hat = denoise.MMSE(prior=prior)(noisy, p)
     for k in ("kernel", "bias"):
         clean = np.asarray(tree["params"]["Dense_0"][k], np.float64)
         w = np.asarray(noisy["params"]["Dense_0"][k], np.float64)
@@ -118,7 +120,7 @@ def test_mmse_without_side_info_matches_true_posterior_mean():
     n, mu, s2, p = 200_000, 0.4, 0.25, 0.5
     w = mu + math.sqrt(s2) * rng.standard_normal(n)
     wt = w + math.sqrt(p) * rng.standard_normal(n)
-    hat = np.asarray(denoise.mmse({"kernel": jnp.asarray(wt, jnp.float32)}, p)["kernel"], np.float64)
+    hat = np.asarray(denoise.MMSE()({"kernel": jnp.asarray(wt, jnp.float32)}, p)["kernel"], np.float64)
     # ŵ is affine in w̃: recover (θ̂, intercept) and compare with θ = s²/(s²+p), μ(1-θ)
     slope, intercept = np.polyfit(wt, hat, 1)
     theta = s2 / (s2 + p)
@@ -137,7 +139,7 @@ def test_mmse_per_channel_statistics():
     scales = np.array([0.1, 1.0, 3.0])
     w = (rng.standard_normal((500, 3)) * scales).astype(np.float32)
     p = 0.5
-    hat = np.asarray(denoise.mmse({"kernel": jnp.asarray(w)}, p, per_channel=True)["kernel"])
+    hat = np.asarray(denoise.MMSE(per_channel=True)({"kernel": jnp.asarray(w)}, p)["kernel"])
     m, v = w.mean(0), np.maximum(w.var(0) - p, 0)
     np.testing.assert_allclose(hat, m + v / (v + p) * (w - m), rtol=1e-4, atol=1e-5)
     assert np.allclose(hat[:, 0], m[0], atol=1e-6)  # channel below the noise floor: shrunk to its mean
@@ -152,7 +154,7 @@ def test_compensated_lambda1_beta0_is_ml_exactly(tree):
     noisy = noise.add_weight_noise(tree, -3.0, key=jax.random.key(5))
     pw = noise.noise_power(tree, -3.0)
     for kw in ({}, {"per_channel": True}, {"prior": denoise.clean_prior(tree)}):
-        hat = denoise.compensated(noisy, pw, lam=1.0, beta=0.0, **kw)
+        hat = denoise.CompensatedMMSE(lam=1.0, beta=0.0, **kw)(noisy, pw)
         for a, b in zip(jax.tree_util.tree_leaves(hat), jax.tree_util.tree_leaves(noisy)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # also inside the vmapped grid
@@ -167,7 +169,7 @@ def test_compensated_formula(tree):
     noisy = noise.add_weight_noise(tree, 2.0, key=jax.random.key(6))
     p = float(noise.noise_power(tree, 2.0)["params"]["Dense_0"]["kernel"])
     lam, beta = 0.3, -0.7
-    hat = denoise.compensated(noisy, p, lam=lam, beta=beta)
+    hat = denoise.CompensatedMMSE(lam=lam, beta=beta)(noisy, p)
     w = np.asarray(noisy["params"]["Dense_0"]["kernel"], np.float64)
     v = max(w.var() - p, 0.0)
     eta = v / p
@@ -175,8 +177,126 @@ def test_compensated_formula(tree):
     np.testing.assert_allclose(np.asarray(hat["params"]["Dense_0"]["kernel"]), theta * w + rho, rtol=1e-4, atol=1e-6)
     _unselected_equal(hat, tree)
     # λ' = 0, β = 0 is the zero-mean-prior MMSE θ·w̃ with θ = η/(η+1)
-    hat0 = denoise.compensated(noisy, p, lam=0.0, beta=0.0)
+    hat0 = denoise.CompensatedMMSE(lam=0.0, beta=0.0)(noisy, p)
     np.testing.assert_allclose(np.asarray(hat0["params"]["Dense_0"]["kernel"]), eta / (eta + 1) * w, rtol=1e-4)
+
+
+def test_compensated_fallback_branch_where_eta_plus_one_minus_lambda_is_not_positive(tree):
+    """η + 1 − λ' <= 0 (λ' > 1 at low WNR): noisejax's compensated uses θ = 1, ρ = β·σ² there."""
+    wnr, lam, beta = -15.0, 1.5, -0.7
+    noisy = noise.add_weight_noise(tree, wnr, key=jax.random.key(16))
+    pw = noise.noise_power(tree, wnr)
+    p = float(pw["params"]["Dense_0"]["kernel"])
+    hat = denoise.CompensatedMMSE(lam=lam, beta=beta)(noisy, pw)
+    for name in ("kernel", "bias"):
+        w = np.asarray(noisy["params"]["Dense_0"][name], np.float64)
+        eta = max(w.var() - p, 0.0) / p
+        assert eta + 1 - lam <= 0, "the test must reach the fallback branch"
+        np.testing.assert_allclose(np.asarray(hat["params"]["Dense_0"][name]), w + beta * p, rtol=1e-6, atol=1e-6 * p)
+    # and the regular branch right beside it (λ' = 0.5) follows the formula, not the fallback
+    hat = denoise.CompensatedMMSE(lam=0.5, beta=beta)(noisy, pw)
+    w = np.asarray(noisy["params"]["Dense_0"]["kernel"], np.float64)
+    v = max(w.var() - p, 0.0)
+    eta = v / p
+    np.testing.assert_allclose(np.asarray(hat["params"]["Dense_0"]["kernel"]),
+                               eta / (eta + 0.5) * w + v * beta / (eta + 0.5), rtol=2e-5, atol=1e-6 * p)
+
+
+# ----------------------------------------------------------------------------------
+# the authors' MMSE_pb, against an independent NumPy transcription of the published formula
+# ----------------------------------------------------------------------------------
+
+PB_PAIRS = [(0.5, -0.5), (1.0, -1.0), (1.1, 0.3), (1.5, -0.25)]
+PB_WNR_DB = [10.0, 0.0, -15.0, -20.0]
+
+
+def _mmse_pb_numpy(w, noise_power, lam, beta, signal_var):
+    """The published closed form in float64: η = var_W/σ², c = η/(η+1−λ'), d = var_W·β/(η+1−λ'), ŵ = c·w̃ + d."""
+    eta = signal_var / noise_power
+    c = eta / (eta + 1.0 - lam)
+    d = signal_var * beta / (eta + 1.0 - lam)
+    return c * np.asarray(w, np.float64) + d
+
+
+def mmse_pb_table(tree, pairs=PB_PAIRS, wnrs=PB_WNR_DB):
+    """Rows ``(wnr, lam, beta, η+1−λ', max |ŵ − ŵ_numpy| / max |ŵ_numpy|)`` in the authors' setting."""
+    sv = float(denoise.global_signal_var(tree))
+    rows = []
+    for wnr in wnrs:
+        pw = noise.noise_power(tree, wnr, reference="power", scope="global")
+        p = float(pw["params"]["Dense_0"]["kernel"])
+        noisy = noise.add_weight_noise(tree, wnr, key=jax.random.key(17), reference="power", scope="global")
+        for lam, beta in pairs:
+            hat = denoise.MMSEpb(lam=lam, beta=beta, signal_var=sv)(noisy, pw)
+            errs = []
+            for name in ("kernel", "bias"):
+                ref = _mmse_pb_numpy(noisy["params"]["Dense_0"][name], p, lam, beta, sv)
+                got = np.asarray(hat["params"]["Dense_0"][name], np.float64)
+                errs.append(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+            _unselected_equal(hat, noisy)  # BatchNorm parameters and statistics untouched
+            rows.append((wnr, lam, beta, sv / p + 1 - lam, max(errs)))
+    return rows
+
+
+def test_mmse_pb_matches_numpy_transcription_of_the_published_formula(tree):
+    rows = mmse_pb_table(tree)
+    assert len(rows) == len(PB_PAIRS) * len(PB_WNR_DB)
+    for wnr, lam, beta, denom, err in rows:
+        assert err <= 1e-6, f"WNR {wnr} dB, λ'={lam}, β={beta}: relative difference {err:.2e}"
+    flipped = [r for r in rows if r[3] < 0]
+    assert flipped and all(r[0] < -12 for r in flipped), "the sign-flip region (η+1−λ' < 0) must be covered, below −12 dB"
+
+
+def test_global_signal_var_and_authors_noise_power(tree):
+    leaves = [np.asarray(tree["params"]["Dense_0"][k], np.float64).ravel() for k in ("bias", "kernel")]
+    allw = np.concatenate(leaves)
+    np.testing.assert_allclose(float(denoise.global_signal_var(tree)), allw.var(), rtol=1e-5)
+    pw = noise.noise_power(tree, -15.0, reference="power", scope="global")
+    np.testing.assert_allclose(float(pw["params"]["Dense_0"]["bias"]), np.mean(allw**2) / 10 ** (-1.5), rtol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="signal_var"):
+        denoise.MMSEpb(lam=1.0, beta=0.0, signal_var=-1.0)(tree, 0.1)
+    with pytest.raises(InvalidArgumentError, match="signal_var"):
+        denoise.MMSEpb(lam=1.0, beta=0.0, signal_var=jnp.ones(3))(tree, 0.1)
+    with pytest.raises(InvalidArgumentError, match="no leaf"):
+        denoise.global_signal_var(tree, leaf_filter=lambda path, leaf: False)
+
+
+def test_mmse_pb_vs_compensated_with_global_prior(tree):
+    """Documented relation: compensated with the global clean variance as its prior equals mmse_pb
+    where η+1−λ' > 0, and falls back (θ = 1, ρ = β·σ²) where mmse_pb flips sign."""
+    sv = denoise.global_signal_var(tree)
+    prior = denoise.clean_prior(tree)
+    prior = prior.replace(var=jax.tree_util.tree_map(lambda v: sv, prior.var))
+    for wnr, lam, beta in ((0.0, 0.5, -0.5), (-15.0, 1.5, -0.25)):
+        pw = noise.noise_power(tree, wnr, reference="power", scope="global")
+        p = float(pw["params"]["Dense_0"]["kernel"])
+        noisy = noise.add_weight_noise(tree, wnr, key=jax.random.key(18), reference="power", scope="global")
+        a = np.asarray(denoise.MMSEpb(lam=lam, beta=beta, signal_var=sv)(noisy, pw)["params"]["Dense_0"]["kernel"])
+        b = np.asarray(denoise.CompensatedMMSE(lam=lam, beta=beta, prior=prior)(noisy, pw)["params"]["Dense_0"]["kernel"])
+        w = np.asarray(noisy["params"]["Dense_0"]["kernel"])
+        if float(sv) / p + 1 - lam > 0:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(b, w + beta * p, rtol=1e-5, atol=1e-6)
+            assert np.corrcoef(a.ravel(), w.ravel())[0, 1] < -0.99  # mmse_pb: c < 0, the sign flips
+
+
+def test_mmse_pb_estimator_grid_and_ml_point(tree):
+    sv = denoise.global_signal_var(tree)
+    pw = noise.noise_power(tree, 0.0, reference="power", scope="global")
+    noisy = noise.add_weight_noise(tree, 0.0, key=jax.random.key(19), reference="power", scope="global")
+    grid = denoise.mmse_pb_grid([0.5, 1.0], [-0.5, 0.0], sv)
+    out = jax.jit(jax.vmap(lambda e: e(noisy, pw)))(grid)
+    for i in range(4):
+        est = denoise.estimator("mmse_pb", lam=float(grid.lam[i]), beta=float(grid.beta[i]), signal_var=sv)
+        one = est(noisy, pw)
+        for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(one)):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-6, atol=1e-7)
+    ml = denoise.MMSEpb(lam=1.0, beta=0.0, signal_var=sv)(noisy, pw)  # c = η/η = 1, d = 0
+    for a, b in zip(jax.tree_util.tree_leaves(ml), jax.tree_util.tree_leaves(noisy)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(InvalidArgumentError, match="signal_var"):
+        denoise.MMSEpb(signal_var=float("inf"))
 
 
 def test_grid_layout_and_validation():
@@ -259,7 +379,7 @@ def test_common_mode_is_the_posterior_mean_of_the_common_mode():
     u, w, wt, comp, p, tau2 = _common_mode_case()
     c = wt.shape[1]
     bias = np.arange(c, dtype=np.float32)
-    hat = denoise.common_mode({"kernel": jnp.asarray(wt, jnp.float32), "bias": jnp.asarray(bias)}, p)
+    hat = denoise.CommonModeMMSE()({"kernel": jnp.asarray(wt, jnp.float32), "bias": jnp.asarray(bias)}, p)
     wh = np.asarray(hat["kernel"], np.float64)
     np.testing.assert_array_equal(np.asarray(hat["bias"]), bias)  # 1-D leaves: untouched
     corr = wh - wt
@@ -280,9 +400,9 @@ def test_common_mode_is_the_posterior_mean_of_the_common_mode():
 def test_common_mode_directions_estimator_and_learned_start():
     u, w, wt, comp, p, tau2 = _common_mode_case(c=400)
     tree = {"kernel": jnp.asarray(wt, jnp.float32)}
-    base = np.asarray(denoise.common_mode(tree, p)["kernel"])
+    base = np.asarray(denoise.CommonModeMMSE()(tree, p)["kernel"])
     # a given direction (scaled) is normalized; the estimator object and the lookup agree
-    np.testing.assert_allclose(np.asarray(denoise.common_mode(tree, p, directions=[jnp.asarray(3 * u)])["kernel"]),
+    np.testing.assert_allclose(np.asarray(denoise.CommonModeMMSE(directions=[jnp.asarray(3 * u)])(tree, p)["kernel"]),
                                base, rtol=1e-5, atol=1e-5)
     est = denoise.estimator("common_mode")
     np.testing.assert_array_equal(np.asarray(est(tree, p)["kernel"]), base)
@@ -291,11 +411,11 @@ def test_common_mode_directions_estimator_and_learned_start():
     np.testing.assert_allclose(np.asarray(den(tree, p, wnr_db=0.0)["kernel"]), base, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidArgumentError, match="not both"):
         denoise.init_learned(tree, common_mode=True, projection=True)
-    with pytest.raises(Exception, match="direction"):
-        denoise.common_mode(tree, p, directions=[jnp.ones(7)])
+    with pytest.raises(ShapeMismatchError, match="direction"):
+        denoise.CommonModeMMSE(directions=[jnp.ones(7)])(tree, p)
     # no channel spread above the noise: every channel gets the layer's mean common mode
     flat = {"kernel": jnp.asarray(np.outer(u, np.full(400, 2.0)) + 0.01 * np.asarray(wt - w), jnp.float32)}
-    out = np.asarray(denoise.common_mode(flat, 1.0)["kernel"], np.float64)
+    out = np.asarray(denoise.CommonModeMMSE()(flat, 1.0)["kernel"], np.float64)
     cm = u @ out
     assert np.ptp(cm) < 1e-3 * abs(cm.mean()), np.ptp(cm)
 
@@ -361,17 +481,21 @@ def test_sweep_and_grid_share_realizations(tiny_model, tmp_path):
     acc = sweeps.grid_accuracies(f, variables, {"test": (ds.x_test, ds.y_test)}, wnr, grid, key=key, n_realizations=4)
     assert acc["test"].shape == (2, 2, 4)
     np.testing.assert_array_equal(acc["test"][:, 1, :], res["ML"])  # same keys -> same noisy weights
-    assert list(sweeps.select_grid(acc["test"])) in ([0, 0], [0, 1], [1, 0], [1, 1])
+    sel, means = sweeps.select_grid(acc["test"]), acc["test"].mean(axis=2)
+    assert all(means[w, sel[w]] == means[w].max() for w in range(len(wnr)))  # a best point, per WNR
+    # hand-made (W=2, G=3, R=2): a three-way tie goes to the lowest index; then the clear best
+    hand = np.array([[[0.5, 0.7], [0.6, 0.6], [0.6, 0.6]], [[0.8, 0.8], [0.1, 0.2], [0.95, 0.85]]])
+    np.testing.assert_array_equal(sweeps.select_grid(hand), [0, 2])
     # per-WNR estimator lists are accepted without recompiling; wrong length is refused
     per_wnr = {"ML": ests["ML"], "sel": [grid_point(grid, 1), grid_point(grid, 0)], "MMSE": ests["MMSE"]}
     res2 = sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, wnr, key=key, n_realizations=4,
                                  estimators=per_wnr)
     np.testing.assert_array_equal(res2["sel"][0], res["ML"][0])  # (1, 0) at the first WNR: ML
     np.testing.assert_array_equal(res2["ML"], res["ML"])
-    with pytest.raises(ValueError, match="WNR points"):
+    with pytest.raises(ShapeMismatchError, match="WNR points"):
         sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, wnr, key=key, n_realizations=2,
                               estimators={"sel": [grid_point(grid, 1)]})
-    png = sweeps.plot_accuracy_curves(wnr, {k: res[k] for k in ests}, str(tmp_path / "c.png"), targets=[0.6])
+    png = plot_accuracy_curves(wnr, {k: res[k] for k in ests}, str(tmp_path / "c.png"), targets=[0.6])
     assert os.path.getsize(png) > 1000
 
 
@@ -386,8 +510,8 @@ def grid_point(grid, i):
 
 def test_checkpoint_roundtrip_and_corruption(tmp_path):
     tree = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "stats": {"n": np.int32(3)}}
-    path = checkpoint.save(tmp_path / "a.msgpack", tree, metadata={"x": 1})
-    back, meta = checkpoint.load(path)
+    path = files.save(tmp_path / "a.msgpack", tree, metadata={"x": 1})
+    back, meta = files.load(path)
     np.testing.assert_array_equal(back["params"]["w"], tree["params"]["w"])
     assert meta == {"x": 1} and int(back["stats"]["n"]) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["a.msgpack"]  # no temp file left behind
@@ -395,13 +519,13 @@ def test_checkpoint_roundtrip_and_corruption(tmp_path):
     blob[-3] ^= 0xFF
     (tmp_path / "bad.msgpack").write_bytes(bytes(blob))
     with pytest.raises(DataFormatError, match="checksum"):
-        checkpoint.load(tmp_path / "bad.msgpack")
+        files.load(tmp_path / "bad.msgpack")
     (tmp_path / "short.msgpack").write_bytes(path.read_bytes()[:-10])
     with pytest.raises(DataFormatError, match="truncated"):
-        checkpoint.load(tmp_path / "short.msgpack")
+        files.load(tmp_path / "short.msgpack")
     (tmp_path / "junk.msgpack").write_bytes(b"\x80\x04pickle?")
     with pytest.raises(DataFormatError, match="magic"):
-        checkpoint.load(tmp_path / "junk.msgpack")
+        files.load(tmp_path / "junk.msgpack")
 
 
 def test_cached_rebuilds_corrupted_entry(tmp_path):
@@ -412,20 +536,20 @@ def test_cached_rebuilds_corrupted_entry(tmp_path):
         return {"w": np.full(3, float(len(calls)), np.float32)}, {"n": len(calls)}
 
     cfg = {"kind": "demo", "width": 3}
-    t1, info1, s1 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
-    t2, info2, s2 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
+    t1, info1, s1 = files.cached(cfg, build, cache_dir=tmp_path, name="demo")
+    t2, info2, s2 = files.cached(cfg, build, cache_dir=tmp_path, name="demo")
     assert (s1, s2) == ("built", "loaded") and len(calls) == 1 and info2 == {"n": 1}
     np.testing.assert_array_equal(t2["w"], t1["w"])
-    path = tmp_path / f"demo-{checkpoint.config_hash(cfg)}.msgpack"
+    path = tmp_path / f"demo-{files.fingerprint(cfg)}.msgpack"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x55
     path.write_bytes(bytes(data))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        t3, info3, s3 = checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")
+        t3, info3, s3 = files.cached(cfg, build, cache_dir=tmp_path, name="demo")
     assert s3 == "rebuilt" and len(calls) == 2 and info3 == {"n": 2}
     assert any("rebuilding" in str(w.message) for w in caught)
-    assert checkpoint.cached(cfg, build, cache_dir=tmp_path, name="demo")[2] == "loaded"
+    assert files.cached(cfg, build, cache_dir=tmp_path, name="demo")[2] == "loaded"
 
 
 def test_model_cache_reloads_same_variables(tiny_model):

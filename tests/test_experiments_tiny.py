@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import reproduce
+from noisejax.study import files, reproduce
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -61,7 +61,7 @@ def test_experiment_tiny(report, name):
         assert c["claim"] and c["figure"] and c["measured"] not in ("", None)
         assert c["holds"] in (True, False, None)
     # the stored record is exactly what the run returned
-    stored = reproduce.read_checked_json(out / "runs" / name / "record.json")
+    stored = files.read_checked_json(out / "runs" / name / "record.json")
     assert stored["result"] == rec["result"]
 
 
@@ -109,7 +109,7 @@ def test_trained_mlp_snr_resumes_from_its_points(report):
     rec = summary["experiments"]["trained_mlp_snr"]
     exp = reproduce.load_experiment("trained_mlp_snr")
     cfg = exp.config("tiny")
-    again = exp.main(cfg, str(out / "runs" / "trained_mlp_snr" / "work"), progress=False)
+    again = exp.main(cfg, str(out / "runs" / "trained_mlp_snr" / "work"), progress=False).to_json()
     # the model, the per-layer SNR point and one point per (noise type, intensity) of the accuracy sweep
     assert again["points_reused"] == 2 + 4 * len(cfg.intensities)
     for k in ("claims", "snr", "accuracy", "model", "summary"):

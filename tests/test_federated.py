@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import federated, models, noise
+from noisejax import federated, noise
+from noisejax.study import models
 from noisejax.errors import InvalidArgumentError
 
 

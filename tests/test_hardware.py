@@ -18,7 +18,8 @@ import optax
 import pytest
 
 import noisejax
-from noisejax import data, hardware as hw, layers, models, moments, rng, simulate, train
+from noisejax import data, hardware as hw, layers, moments, rng, simulate, train
+from noisejax.study import models
 from noisejax.errors import InvalidArgumentError, NoisejaxError, ShapeMismatchError
 
 G_MAX = 25.0
@@ -640,7 +641,7 @@ def test_layers_path_and_any_model_path_are_one_mechanism(mlp):
 
 @pytest.fixture(scope="module")
 def flax_cnn():
-    """The Flax MNIST example's CNN (noisejax.models.CNN, unmodified), trained briefly on the 8x8 digits."""
+    """The Flax MNIST example's CNN (noisejax.study.models.CNN, unmodified), trained briefly on the 8x8 digits."""
     ds = data.load_digits(seed=0)
     xtr = jnp.asarray(ds.x_train.reshape(-1, 8, 8, 1) / 16.0, jnp.float32)
     model = models.CNN()

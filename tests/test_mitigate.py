@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from noisejax import layers, mitigate, noise, rng, simulate
+from noisejax import layers, mitigate, moments, noise, rng, simulate
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 N_MC = 40_960  # var estimate rel. std sqrt(2/(n-1)) ≈ 0.7 %
@@ -52,7 +52,7 @@ def _two_layer(seed=0):
     W1 = (gen.normal(0.4, 0.7, (5, 3))).astype(np.float32)  # nonzero mean: correlated noise gets through
     b1 = gen.normal(0, 0.3, 3).astype(np.float32)
     blocks = [
-        layers.serial(layers.Dense(5), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Dense(5), layers.Sigmoid(), layers.NoiseSite()),
         layers.serial(layers.Dense(3), layers.Linear(1.0)),
     ]
     net = layers.serial(*blocks)
@@ -144,7 +144,6 @@ def test_pool_divides_uncorrelated_by_P_keeps_correlated(setup, group):
 
 @pytest.mark.parametrize("kind", TYPES)
 def test_pool_moments_agree(setup, kind):
-    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
     s = setup
     W0, b0, W1, _ = s["W"]
     exact = _exact_next_var(kind, W0, b0, W1, np.asarray(s["x"]), D[kind])
@@ -202,7 +201,6 @@ def test_ghost_removes_correlated_additive_noise_mc(setup):
 
 
 def test_ghost_removes_correlated_additive_noise_moments(setup):
-    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
     s = setup
     v_plain = np.asarray(moments.predict(s["gnet0"], s["gp0"], s["x"], noise=s["ac"])[-1].var)
     v_ghost = np.asarray(moments.predict(s["gnet"], s["gparams"], s["x"], noise=s["ac"])[-1].var)
@@ -269,7 +267,7 @@ def test_scale_slope_exact_for_linear_and_relu(act):
     assert np.max(np.abs(y1 - y0)) <= 1e-5 * max(1.0, np.max(np.abs(y0)))
     blk0, blk1 = mitigate.blocks(net, params), mitigate.blocks(snet, sparams)
     if act.startswith("linear"):
-        assert blk1[0].act["slope"] == pytest.approx(0.8 * 3.0) and blk1[1].act["slope"] == pytest.approx(0.8 * 0.25)
+        assert blk1[0].act.slope == pytest.approx(0.8 * 3.0) and blk1[1].act.slope == pytest.approx(0.8 * 0.25)
         np.testing.assert_allclose(blk1[1].W, blk0[1].W / 3.0, rtol=1e-6)
     else:
         np.testing.assert_allclose(blk1[0].W, blk0[0].W * 3.0, rtol=1e-6)
@@ -325,22 +323,14 @@ def test_validation_errors():
 # ----------------------------------------------------------------------------------
 
 
-def _load_experiment():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "mitigation" / "run.py"
-    spec = importlib.util.spec_from_file_location("noisejax_experiments_mitigation_run", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_experiment_tiny(tmp_path):
     import json
 
-    run = _load_experiment()
-    res = run.main("tiny", str(tmp_path))
+    from noisejax.study import reproduce
+
+    exp = reproduce.load_experiment("mitigation")
+    run = exp.run_module
+    res = exp.main(exp.config("tiny"), str(tmp_path), progress=False).to_json()
     for name in ("results.json", "accuracy_vs_noise.png", "snr_gain.png"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())

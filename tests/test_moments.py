@@ -89,7 +89,7 @@ def _case_noise(names):
 
 
 def _switch_activation(names):
-    fns = [layers.activation(n).spec["fn"] for n in names]
+    fns = [layers.activation(n).spec.fn for n in names]
 
     def init(key, shape):
         return tuple(shape), jnp.zeros(len(fns))
@@ -251,8 +251,8 @@ def setup():
 
 def _conv_net(act):
     return layers.serial(
-        layers.serial(layers.Conv(3, (3, 3)), layers.activation(act), layers.NeuronNoise()),
-        layers.serial(layers.Flatten(), layers.Dense(6), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Conv(3, (3, 3)), layers.activation(act), layers.NoiseSite()),
+        layers.serial(layers.Flatten(), layers.Dense(6), layers.Sigmoid(), layers.NoiseSite()),
     )
 
 
@@ -272,7 +272,7 @@ def mc(setup):
     from one run of ``simulate.monte_carlo``."""
     S = setup
     sites, dsites = _case_noise(NAMES), _case_noise(REGULAR)
-    switch_net = layers.serial(*[layers.serial(layers.Dense(w), _switch_activation(ACTS), layers.NeuronNoise()) for w in WIDTHS[1:]])
+    switch_net = layers.serial(*[layers.serial(layers.Dense(w), _switch_activation(ACTS), layers.NoiseSite()) for w in WIDTHS[1:]])
     sel = jnp.eye(len(ACTS))
     base = _dense_params(S["Ws"], S["bs"])
     sw_params = jax.vmap(lambda s: tuple((blk[0], s, ()) for blk in base))(sel)
@@ -291,7 +291,9 @@ def mc(setup):
         dig = jax.vmap(lambda nz: with_d2(layers.apply_batch(dnet, dparams, x_dig, key=key, noise=nz, return_layers=True)[1], clean_dig))
         return {"random": jax.vmap(rand)(sw_params, clean_rand), "digits": dig(dsites)}
 
-    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC)
+    # precision_check off: some digits-MLP outputs have |mean|/std ≈ 1.5·10⁴, where float32 may shift a
+    # mean by up to 1.8 standard errors (docs/precision.md); the tests compare means at 5
+    res = simulate.monte_carlo(fn, jax.random.key(11), N_MC, precision_check=False)
     out = {}
     for branch, names, case_axis in (("random", NAMES, 1), ("digits", REGULAR, 0)):
         ys_mean, _ = res.mean[branch]
@@ -448,7 +450,7 @@ def test_gaussian_activation_moments_match_numpy_integration(name):
     mus = np.array([-3.0, -0.7, 0.0, 0.4, 2.5])
     vs = np.array([1e-4, 0.05, 0.5, 2.0, 6.0])
     M, V = np.meshgrid(mus, vs)
-    ef, vf, g = moments.activation_moments(layer.spec["fn"], jnp.asarray(M, jnp.float32), jnp.asarray(V, jnp.float32), kind=kind)
+    ef, vf, g = moments.activation_moments(layer.spec.fn, jnp.asarray(M, jnp.float32), jnp.asarray(V, jnp.float32), kind=kind)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             r_ef, r_vf, r_g = _numpy_gauss(_NP_F[name], M[i, j], V[i, j])
@@ -465,7 +467,7 @@ def test_closed_forms_agree_with_quadrature_and_are_stable_at_zero_variance():
     def run(mu, v):
         out = {}
         for name in ("relu", "erf"):
-            fn = layers.activation(name).spec["fn"]
+            fn = layers.activation(name).spec.fn
             out[name] = (
                 moments.activation_moments(fn, mu, v, kind=name),
                 moments.activation_moments(fn, mu, v, quad_nodes=96),
@@ -478,7 +480,7 @@ def test_closed_forms_agree_with_quadrature_and_are_stable_at_zero_variance():
         for a, b in zip(closed, quad):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-3, atol=3e-4)
         # zero variance: reduces to f(mu), 0, f'(mu) with finite gradients
-        fn = layers.activation(name).spec["fn"]
+        fn = layers.activation(name).spec.fn
         np.testing.assert_allclose(np.asarray(at_zero[0]), np.asarray(fn(mu)), atol=1e-6)
         np.testing.assert_allclose(np.asarray(at_zero[1]), 0.0, atol=1e-12)
         assert np.all(np.isfinite(np.asarray(grad)))
@@ -613,9 +615,9 @@ def test_factored_and_full_covariance_agree_through_nonlinearities():
     the lazy block of the factored form materialize inside a noise site and a reshape."""
     rng = np.random.default_rng(4)
     net = layers.serial(
-        layers.serial(layers.Dense(9), layers.Tanh(), layers.NeuronNoise()),
-        layers.serial(layers.Dense(7), layers.Erf(), layers.NeuronNoise(), layers.Flatten()),
-        layers.serial(layers.Dense(3), layers.Sigmoid(), layers.NeuronNoise()),
+        layers.serial(layers.Dense(9), layers.Tanh(), layers.NoiseSite()),
+        layers.serial(layers.Dense(7), layers.Erf(), layers.NoiseSite(), layers.Flatten()),
+        layers.serial(layers.Dense(3), layers.Sigmoid(), layers.NoiseSite()),
     )
     dense = _dense_params([rng.normal(size=(i, o)) / np.sqrt(i) for i, o in ((6, 9), (9, 7), (7, 3))], [0.3 * rng.normal(size=o) for o in (9, 7, 3)])
     params = ((dense[0][0], (), ()), (dense[1][0], (), (), ()), (dense[2][0], (), ()))
@@ -656,7 +658,7 @@ def test_linear_network_means_exact(mc, analytic):
 
 def _check_gaussian(e, where, per_neuron=True):
     """The issue's bound per layer where the layer SNR is >= 10 dB, and (smooth activations) per neuron
-    within 5 % of max(var_i, layer mean) + 5 standard errors.
+    within 5 % of max(var_i, layer mean) + 5 standard errors; below 10 dB 10 % and 25 % (always asserted).
 
     ReLU is checked per layer only: Stein's first-order cross-covariance misses the
     correlation of the rectified parts, so single neurons near the kink deviate by up
@@ -665,6 +667,12 @@ def _check_gaussian(e, where, per_neuron=True):
     """
     assert np.all(e["silent"] <= 1e-3), (where, e["silent"])  # MC-silent (dead ReLU) neurons are ~silent analytically
     if e["snr"] < 10:
+        # outside the regime the 5 % claim is made for, a looser bound still catches gross errors: the
+        # largest errors measured there are 6.3 % per layer (erf, AC@1, 9.7 dB) and 18 % per neuron
+        # (tanh, AC@1, 9.6 dB)
+        assert e["lay"] <= 0.10, (where, "below the 10 dB gate", e["lay"], e["snr"])
+        if per_neuron:
+            assert np.all(e["nrm"] <= 0.25 + e["nres"]), (where, "below the 10 dB gate", e["nrm"].max())
         return False
     assert e["lay"] <= 0.05, (where, e["lay"], e["snr"])
     if per_neuron:

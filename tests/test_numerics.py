@@ -57,8 +57,11 @@ def test_activation_moments_saturated_and_extreme_noise(name, nodes):
     )
     ef, vf, g = map(np.asarray, (ef, vf, g))
     assert np.all(np.isfinite(ef)) and np.all(np.isfinite(vf)) and np.all(np.isfinite(g))
-    assert np.all(vf >= 0)
     ref_mean, ref_var = _reference(f64, mu, v)
+    # a variance clamped to zero where float32 values of f resolve the true one (sd above a few ulps
+    # of |E f|) is wrong; the comparison below allows that much absolute slack, so check it on its own
+    resolvable = ref_var > np.square(4.0 * np.finfo(np.float32).eps * np.maximum(np.abs(ref_mean), 1.0))
+    assert np.all(vf[resolvable] > 0), f"{name}: zero variance where the reference is positive"
     scale = np.maximum(np.abs(ref_mean), 1.0)
     wide_tol = np.where(np.sqrt(v) > 2.0, _WIDE_TOL.get((name, nodes), 0.0), 0.0)
     mean_err = np.abs(ef - ref_mean)
@@ -98,7 +101,7 @@ def test_network_moments_stable_from_1e_minus_12_to_1e2(kind, method):
         res = moments.predict(net, params, x, noise=noise.NeuronNoise(**{kind: float(v)}), method=method)
         for layer in res:
             assert np.all(np.isfinite(np.asarray(layer.mean))) and np.all(np.isfinite(np.asarray(layer.var)))
-            assert np.all(np.asarray(layer.var) >= 0)
+            assert np.asarray(layer.var).sum() > 0  # every layer has a noise site: its noise cannot vanish
         out.append(np.asarray(res[-1].var).sum())
     out = np.array(out)
     # more noise never means less output noise; in the small-noise regime the output
@@ -120,8 +123,13 @@ def test_saturated_one_hidden_layer_against_monte_carlo(v):
     nz = noise.NeuronNoise(add_uncorrelated=v, add_correlated=v, mul_uncorrelated=v, mul_correlated=v)
     sites = [nz, None]  # noise on the hidden layer only
     n = 4096
-    mc = simulate.monte_carlo(lambda k: net.apply(params, x, key=k, noise=sites), jax.random.key(4), n)
+    # at v = 1e-12 the noise is ~8 float32 ulps of the saturated outputs: their means are not resolved
+    # (docs/precision.md; monte_carlo would warn) but the variance compared here is, to < 1 sd
+    mc = simulate.monte_carlo(lambda k: net.apply(params, x, key=k, noise=sites), jax.random.key(4), n,
+                              precision_check=v > 1e-6)
     an = moments.predict(net, params, x, noise=sites)[-1]
-    tol = 5 * math.sqrt(2.0 / n) * 3  # 5 sigma of a variance estimate, kurtosis up to 9 (product noise)
+    # the input is deterministic, so the hidden layer's noisy output y·(1 + ξ_MU + ξ_MC) + ξ_AU + ξ_AC is
+    # exactly Gaussian, and so is the linear readout: a sample variance has relative sd √(2/(n−1))
+    tol = 5 * math.sqrt(2.0 / (n - 1))  # 5 sigma = 11 % at n = 4096
     np.testing.assert_allclose(np.asarray(mc.var), np.asarray(an.var), rtol=tol)
     assert np.all(np.isfinite(np.asarray(mc.var))) and np.all(np.asarray(mc.var) > 0)

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from noisejax import cli, reproduce
+from noisejax import cli
 from noisejax.errors import InvalidArgumentError
+from noisejax.study import files, reproduce
 
 # A 1×1 PNG (the orchestrator copies bytes; it does not decode images).
 _PNG = (
@@ -39,45 +40,46 @@ CONFIGS = {"tiny": {"n": 3, "value": 1.5}, "default": {"n": 4, "value": 2.5}, "f
 _RUN_OK = """
 import os
 from pathlib import Path
-from noisejax.reproduce import claim
+from noisejax.study.claims import Result, claim
 
 PNG = {png!r}
 
-def main(config, out_dir, *, progress=False):
+def main(config, out_dir, *, data_dir=None, progress=True):
     counter = Path(os.environ["NOISEJAX_TEST_COUNTER"]) / "{name}"
     counter.write_text(str(int(counter.read_text()) + 1 if counter.exists() else 1))
     Path(out_dir, "fig.png").write_bytes(PNG)
-    return {{
-        "claims": [claim("value is positive", "Fig. 1", config["value"], config["value"] > 0, "a | pipe"),
-                   {{"text": "synonym keys work", "paper_figure": "Fig. 2", "value": [1, 2], "ok": False}},
-                   claim("a measured number", "Fig. 3", 0.5, None)],
-        "figures": ["fig.png"],
-        "numbers": [config["value"] * i for i in range(config["n"])],
-        "inf": float("inf"),
-    }}
+    return Result(
+        claims=[claim("value is positive", "Fig. 1", config["value"], config["value"] > 0, "a | pipe"),
+                claim("synonym keys work", "Fig. 2", [1, 2], False),
+                claim("a measured number", "Fig. 3", 0.5, None)],
+        figures=["fig.png"],
+        values={{"numbers": [config["value"] * i for i in range(config["n"])], "inf": float("inf")}},
+    )
 """
 
 _RUN_FAIL = """
-def main(config):
+def main(config, out_dir, *, data_dir=None, progress=True):
     raise RuntimeError("boom: this experiment is broken")
 """
 
 _RUN_ESCAPE = """
 from pathlib import Path
+from noisejax.study.claims import Result
 PNG = {png!r}
 
-def main(config, out_dir):
+def main(config, out_dir, *, data_dir=None, progress=True):
     Path(out_dir, "ok.png").write_bytes(PNG)
-    return {{"figures": ["ok.png", "../../../../evil.png", "/etc/passwd"]}}
+    return Result(claims=[], figures=["ok.png", "../../../../evil.png", "/etc/passwd"])
 """
 
 # A slow sweep: each point is stored with cached_point; COUNTER_FILE logs computed points.
 _RUN_SWEEP = """
 import os, time
 from pathlib import Path
-from noisejax.reproduce import cached_point, claim
+from noisejax.study.claims import Result, claim
+from noisejax.study.files import cached_point
 
-def main(config, out_dir):
+def main(config, out_dir, *, data_dir=None, progress=True):
     log = Path(os.environ["NOISEJAX_TEST_COUNTER"]) / "sweep_points"
     values = []
     for i in range(config["n"]):
@@ -88,7 +90,7 @@ def main(config, out_dir):
             return {"i": i, "x": (i * 0.1) ** 2}
         v, _ = cached_point(Path(out_dir) / "points", f"p{i}", compute, key={"i": i, "config": config})
         values.append(v)
-    return {"claims": [claim("sum", "-", sum(v["x"] for v in values), True)], "values": values}
+    return Result(claims=[claim("sum", "-", sum(v["x"] for v in values), True)], figures=[], values={"values": values})
 """
 
 
@@ -237,7 +239,7 @@ def test_corrupted_result_is_recomputed(fake, tmp_path, corrupt):
         record.write_text(json.dumps(obj))
     elif corrupt == "missing_keys":  # consistent checksum, but not a complete record
         payload = {k: v for k, v in obj["payload"].items() if k != "figures"}
-        reproduce.write_checked_json(record, payload)
+        files.write_checked_json(record, payload)
     elif corrupt == "figure_changed":
         (out / "runs" / "symmetric_depth" / "work" / "fig.png").write_bytes(b"not the figure")
     s = reproduce.run(out, config="tiny", root=root, progress=False, only="symmetric_depth")
@@ -245,7 +247,7 @@ def test_corrupted_result_is_recomputed(fake, tmp_path, corrupt):
     rec = s["experiments"]["symmetric_depth"]
     assert rec["status"] == "ok" and rec["reused"] is False
     assert rec["result"]["numbers"] == [0.0, 1.5, 3.0]
-    assert reproduce.read_checked_json(record)["result"]["numbers"] == [0.0, 1.5, 3.0]
+    assert files.read_checked_json(record)["result"]["numbers"] == [0.0, 1.5, 3.0]
 
 
 def test_only(fake, tmp_path):
@@ -333,15 +335,15 @@ def test_paths_never_escape(fake, tmp_path):
     for p in out.rglob("*"):
         assert out.resolve() in p.resolve().parents
     with pytest.raises(InvalidArgumentError):
-        reproduce.safe_join(out, "..", "x")
+        files.safe_join(out, "..", "x")
     with pytest.raises(InvalidArgumentError):
-        reproduce.safe_join(out, "/etc/passwd")
+        files.safe_join(out, "/etc/passwd")
     with pytest.raises(InvalidArgumentError):
-        reproduce.cached_point(out, "../escape", lambda: 1)
+        files.cached_point(out, "../escape", lambda: 1)
     (out / "link").symlink_to(tmp_path)
     with pytest.raises(InvalidArgumentError):
-        reproduce.safe_join(out, "link", "x.json")
-    assert reproduce.safe_join(out, "figures", "a.png") == out.resolve() / "figures" / "a.png"
+        files.safe_join(out, "link", "x.json")
+    assert files.safe_join(out, "figures", "a.png") == out.resolve() / "figures" / "a.png"
 
 
 def test_checked_files_and_arrays(tmp_path):
@@ -351,35 +353,35 @@ def test_checked_files_and_arrays(tmp_path):
         calls.append(1)
         return {"a": np.arange(3, dtype=np.float32), "b": float("nan")}
 
-    v1, r1 = reproduce.cached_point(tmp_path, "p", compute, key={"x": 1})
-    v2, r2 = reproduce.cached_point(tmp_path, "p", compute, key={"x": 1})
+    v1, r1 = files.cached_point(tmp_path, "p", compute, key={"x": 1})
+    v2, r2 = files.cached_point(tmp_path, "p", compute, key={"x": 1})
     assert (r1, r2) == (False, True) and v1 == v2 == {"a": [0.0, 1.0, 2.0], "b": "nan"} and len(calls) == 1
-    reproduce.cached_point(tmp_path, "p", compute, key={"x": 2})  # another key: recomputed
+    files.cached_point(tmp_path, "p", compute, key={"x": 2})  # another key: recomputed
     assert len(calls) == 2
     (tmp_path / "p.json").write_text((tmp_path / "p.json").read_text().replace("1.0", "7.0"))
-    v3, r3 = reproduce.cached_point(tmp_path, "p", compute, key={"x": 2})
+    v3, r3 = files.cached_point(tmp_path, "p", compute, key={"x": 2})
     assert not r3 and v3["a"] == [0.0, 1.0, 2.0] and len(calls) == 3
     # arrays (.npz, no pickle)
     arrs = {"W0": np.ones((2, 3), np.float32), "b0": np.zeros(3, np.float32)}
     path = tmp_path / "m.npz"
-    reproduce.save_arrays(path, arrs, key="k")
-    got = reproduce.load_arrays(path, key="k")
+    files.save_arrays(path, arrs, key="k")
+    got = files.load_arrays(path, key="k")
     assert set(got) == {"W0", "b0"} and np.array_equal(got["W0"], arrs["W0"])
-    assert reproduce.load_arrays(path, key="other") is None
+    assert files.load_arrays(path, key="other") is None
     raw = path.read_bytes()
     for bad in (raw[: len(raw) // 2], raw[:-30], b"", b"PK\x03\x04junk"):
         path.write_bytes(bad)
-        assert reproduce.load_arrays(path, key="k") is None
+        assert files.load_arrays(path, key="k") is None
     with pytest.raises(InvalidArgumentError, match="dtype object"):
-        reproduce.save_arrays(path, {"x": np.array([{"a": 1}], dtype=object)})
-    assert reproduce.load_arrays(tmp_path / "missing.npz") is None
+        files.save_arrays(path, {"x": np.array([{"a": 1}], dtype=object)})
+    assert files.load_arrays(tmp_path / "missing.npz") is None
     # no temp files left behind by atomic writes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 _DRIVER = """
 import sys
-from noisejax import reproduce
+from noisejax.study import reproduce
 reproduce.run(sys.argv[1], config="tiny", root=sys.argv[2], progress=False, only="symmetric_depth")
 """
 
@@ -420,8 +422,8 @@ def test_killed_run_resumes_identically(tmp_path, monkeypatch):
     ref = tmp_path / "reference"  # an uninterrupted run (in-process: the fake experiment does no JAX work)
     monkeypatch.setenv("NOISEJAX_TEST_COUNTER", str(tmp_path))
     reproduce.run(ref, config="tiny", root=root, progress=False, only="symmetric_depth")
-    a = reproduce.read_checked_json(out / "runs" / "symmetric_depth" / "record.json")
-    b = reproduce.read_checked_json(ref / "runs" / "symmetric_depth" / "record.json")
+    a = files.read_checked_json(out / "runs" / "symmetric_depth" / "record.json")
+    b = files.read_checked_json(ref / "runs" / "symmetric_depth" / "record.json")
     assert a["result"] == b["result"] and a["claims"] == b["claims"]
     leftovers = [p for p in out.rglob(".*.tmp")]
     assert len(leftovers) <= kills  # a kill mid-write may leave a temp file; never a partial result

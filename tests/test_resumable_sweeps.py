@@ -1,6 +1,6 @@
 """Resumable WNR sweeps: atomic per-point files, SIGKILL at random moments, corrupted points.
 
-The driver below runs :func:`noisejax.sweeps.accuracy_sweep` with ``store=`` on a
+The driver below runs :func:`noisejax.sweeps.accuracy_sweep` with ``store=PointStore(folder)`` on a
 fixed linear classifier of scikit-learn's digits; ``on_point`` logs each point it
 computed (after the point's file is stored) and sleeps, so kills land between and
 inside points.
@@ -20,8 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from noisejax import denoise, store, sweeps
+from noisejax import denoise, sweeps
 from noisejax.errors import InvalidArgumentError
+from noisejax.study import files
+from noisejax.study.files import PointStore
 
 _DRIVER = textwrap.dedent(
     """
@@ -30,6 +32,7 @@ _DRIVER = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from sklearn.datasets import load_digits
     from noisejax import denoise, sweeps
+    from noisejax.study.files import PointStore
 
     store, log, result = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     x, y = load_digits(return_X_y=True)
@@ -48,7 +51,7 @@ _DRIVER = textwrap.dedent(
 
     res = sweeps.accuracy_sweep(f, variables, x, y, np.linspace(-6.0, 15.0, 8), key=jax.random.key(3),
                                 n_realizations=16, estimators={"ml": denoise.ML(), "mmse": denoise.MMSE()},
-                                store=store, on_point=on_point)
+                                store=PointStore(store), on_point=on_point)
     np.savez(result, ml=res["ml"], mmse=res["mmse"], reused=res["_reused"])
     """
 )
@@ -125,7 +128,7 @@ def tiny_problem():
 
 def test_store_reuses_only_matching_points(tiny_problem, tmp_path):
     f, v, x, y = tiny_problem
-    kw = dict(n_realizations=4, estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    kw = dict(n_realizations=4, estimators={"ml": denoise.ML()}, store=PointStore(tmp_path / "s"))
     first = sweeps.accuracy_sweep(f, v, x, y, [0.0, 10.0], key=jax.random.key(0), **kw)
     again = sweeps.accuracy_sweep(f, v, x, y, [0.0, 10.0], key=jax.random.key(0), **kw)
     assert first["_reused"] == 0 and again["_reused"] == 2
@@ -140,7 +143,7 @@ def test_store_reuses_only_matching_points(tiny_problem, tmp_path):
 def test_grid_store_resumes(tiny_problem, tmp_path):
     f, v, x, y = tiny_problem
     grid = denoise.compensated_grid([0.5, 1.0], [0.0, 0.1])
-    kw = dict(key=jax.random.key(0), n_realizations=3, store=tmp_path / "g")
+    kw = dict(key=jax.random.key(0), n_realizations=3, store=PointStore(tmp_path / "g"))
     seen = []
     a = sweeps.grid_accuracies(f, v, {"val": (x, y)}, [0.0, 5.0], grid, on_point=lambda i, r: seen.append(r), **kw)
     b = sweeps.grid_accuracies(f, v, {"val": (x, y)}, [0.0, 5.0], grid, on_point=lambda i, r: seen.append(r), **kw)
@@ -153,20 +156,31 @@ def test_store_must_be_a_folder(tiny_problem, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InvalidArgumentError, match="store must be a writable folder"):
         sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
-                              estimators={"ml": denoise.ML()}, store=tmp_path / "file")
+                              estimators={"ml": denoise.ML()}, store=PointStore(tmp_path / "file"))
+    with pytest.raises(InvalidArgumentError, match="store must be None or a point store"):
+        sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
+                              estimators={"ml": denoise.ML()}, store=3)
+
+
+def test_store_folder_path_names_the_point_store(tiny_problem, tmp_path):
+    f, v, x, y = tiny_problem
+    with pytest.raises(InvalidArgumentError, match=r"pass store=noisejax\.study\.files\.PointStore"):
+        sweeps.accuracy_sweep(f, v, x, y, [0.0], key=jax.random.key(0), n_realizations=2,
+                              estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
 
 
 def test_points_of_another_library_version_are_recomputed(tiny_problem, tmp_path, monkeypatch):
     f, v, x, y = tiny_problem
-    kw = dict(key=jax.random.key(0), n_realizations=2, estimators={"ml": denoise.ML()}, store=tmp_path / "s")
+    kw = dict(key=jax.random.key(0), n_realizations=2, estimators={"ml": denoise.ML()}, store=PointStore(tmp_path / "s"))
     assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 0
     assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 1
     calls = []
     compute = lambda: calls.append(1) or {"acc": 0.5}  # noqa: E731
-    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
-    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    files.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    files.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
     assert len(calls) == 1
-    monkeypatch.setattr(store, "code_digest", lambda: "another-version")
+    monkeypatch.setattr(files, "code_digest", lambda: "another-version")
     assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 0
-    store.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
+    files.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
     assert len(calls) == 2

@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax import lax
 
-from noisejax import data, layers, noise, rng, train
+from noisejax import data, layers, moments, noise, rng, train
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 
 
@@ -105,7 +105,6 @@ def test_noise_aware_training_decreases_loss_and_reuses_compile(setup):
 
 
 def test_moment_regularized_training(setup):
-    moments = pytest.importorskip("noisejax.moments", reason="noisejax.moments not available")
     s = setup
     nz = noise.NeuronNoise(add_uncorrelated=0.05, add_correlated=0.02)
     x, y = jnp.asarray(s["x"][:16]), jnp.asarray(s["y"][:16])

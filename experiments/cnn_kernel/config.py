@@ -29,8 +29,3 @@ full = Config(seeds=(0, 1, 2, 3), steps=2000, n_inputs=16, realizations=100_000)
 
 CONFIGS = {"tiny": tiny, "default": default, "full": full}
 
-
-def get_config(name: str) -> Config:
-    if name not in CONFIGS:
-        raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {name!r}")
-    return CONFIGS[name]

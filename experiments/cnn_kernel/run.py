@@ -3,7 +3,7 @@
 Follow-up of paper A to convolutional networks (Kolesnikov & Semenova 2025): in a CNN the
 noise a layer receives is set by its kernel — correlated noise by the kernel's **mean**,
 uncorrelated noise by its **mean square**.  Here on the CNN of Flax's MNIST example,
-unmodified (``noisejax.models.CNN``), trained on 8×8 digits: additive noise of variance
+unmodified (``noisejax.study.models.CNN``), trained on 8×8 digits: additive noise of variance
 ``D`` is switched on after ONE activation (``ξ_AU``, independent per neuron, or ``ξ_AC``, one
 draw per example shared by all its neurons) and the noise variance of the outputs of the
 next matrix product (``Conv_1``, ``Dense_0``, ``Dense_1``) is measured per output channel
@@ -17,18 +17,15 @@ next matrix product (``Conv_1``, ``Dense_0``, ``Dense_1``) is measured per outpu
 ``D_eff = D/4`` when a 2×2 average pooling lies between the activation and the layer (it
 averages four independent draws; a shared draw passes unchanged).
 
-Run alone::
+Run alone (from the repository root)::
 
-    python experiments/cnn_kernel/run.py --config tiny --out /tmp/cnn_kernel
+    python -m experiments.cnn_kernel.run --config tiny --out /tmp/cnn_kernel
 """
 
 from __future__ import annotations
 
-import io
 import math
-import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import flax
 import jax
@@ -37,9 +34,12 @@ import numpy as np
 import optax
 
 import noisejax
-from noisejax import data, noise, rng, simulate, train
-from noisejax.models import CNN
-from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, load_arrays, save_arrays, to_jsonable
+from noisejax import data, rng, simulate, train
+from noisejax.study import files
+from noisejax.study.claims import Claim, Result, claim
+from noisejax.study.models import CNN
+
+from .. import _common
 
 NAME = "cnn_kernel"
 PAPER = "A + follow-ups (CNNs): noise reaching a conv/dense layer vs its kernel's mean and mean square"
@@ -47,22 +47,18 @@ PAPER = "A + follow-ups (CNNs): noise reaching a conv/dense layer vs its kernel'
 PAIRS = ((1, 2, "Conv_1", 4), (3, 4, "Dense_0", 4), (5, 6, "Dense_1", 1))
 
 
-def _config_module():
-    return import_file(Path(__file__).with_name("config.py"))
-
-
 def _images(x: np.ndarray) -> jax.Array:
     return jnp.asarray(x.reshape(-1, 8, 8, 1) / 16.0, jnp.float32)
 
 
-def trained_variables(cfg, ds: data.Dataset, seed: int, out: Path) -> tuple[dict, dict, bool]:
+def trained_variables(cfg, ds: data.Dataset, seed: int, run: _common.Run) -> tuple[dict, dict]:
     """The CNN trained from ``seed`` on digits (cached ``.npz`` keyed by the recipe)."""
     model = CNN()
     ident = {"model": "flax-mnist-example-cnn", "steps": cfg.steps, "batch_size": cfg.batch_size,
              "lr": cfg.learning_rate, "seed": seed, "dataset": ds.name, "n_train": len(ds.y_train)}
-    path = out / "models" / f"cnn_s{seed}.npz"
-    arrays = load_arrays(path, key=ident)
-    reused = arrays is not None
+    path = run.out / "models" / f"cnn_s{seed}.npz"
+    arrays = files.load_arrays(path, key=ident)
+    run.reused += int(arrays is not None)
     x_train = _images(ds.x_train)
     template = model.init(jax.random.key(seed), x_train[:1])
     if arrays is None:
@@ -73,15 +69,10 @@ def trained_variables(cfg, ds: data.Dataset, seed: int, out: Path) -> tuple[dict
         res = train.fit(loss, template, x_train, jnp.asarray(ds.y_train), key=jax.random.key(seed + 1000),
                         steps=cfg.steps, batch_size=cfg.batch_size, optimizer=optax.adam(cfg.learning_rate))
         arrays = {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(res.params).items()}
-        save_arrays(path, arrays, key=ident)
+        files.save_arrays(path, arrays, key=ident)
     variables = flax.traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in arrays.items()})
-    acc = float(jnp.mean(jnp.argmax(model.apply(variables, _images(ds.x_test)), -1) == jnp.asarray(ds.y_test)))
-    return variables, {"seed": seed, "clean_test_accuracy": acc}, reused
-
-
-def _noise_pair(d: float) -> noise.NeuronNoise:
-    """Two noise models stacked on axis 0: uncorrelated only, correlated only."""
-    return noise.NeuronNoise(add_uncorrelated=jnp.array([d, 0.0], jnp.float32), add_correlated=jnp.array([0.0, d], jnp.float32))
+    acc = float(train.accuracy(model.apply(variables, _images(ds.x_test)), jnp.asarray(ds.y_test)))
+    return variables, {"seed": seed, "clean_test_accuracy": acc}
 
 
 def _interior(v: np.ndarray) -> np.ndarray:
@@ -95,7 +86,7 @@ def _interior(v: np.ndarray) -> np.ndarray:
 def measure(variables: dict, x, cfg, key) -> dict:
     """Monte Carlo and analytic variance of each target layer's outputs, per channel: ``{layer: (mc (2, C), an (2, C))}``."""
     model = CNN()
-    nz2 = _noise_pair(cfg.noise_variance)
+    nz2 = _common.noise_stack(cfg.noise_variance, ("add_uncorrelated", "add_correlated"))
     out = {}
     for src, dst, name, _ in PAIRS:
         kw = dict(sites=lambda s, src=src: s.index == src, taps=lambda s, dst=dst: s.index == dst)
@@ -151,7 +142,7 @@ def analyse(measured: list[dict], variables: list[dict], cfg) -> dict:
     return {"points": points, "layers": layers, "fits": fits}
 
 
-def evaluate(an: dict, cfg) -> tuple[list[dict], dict]:
+def evaluate(an: dict, cfg) -> tuple[list[Claim], dict]:
     f = an["fits"]
     se = math.sqrt(2.0 / (cfg.realizations - 1))  # relative standard error of one Gaussian variance estimate
     tol = 5 * se
@@ -189,7 +180,7 @@ def evaluate(an: dict, cfg) -> tuple[list[dict], dict]:
     return claims, {"relative_tolerance_5sigma": tol, "fits": f}
 
 
-def figure(an: dict, cfg, n_nets: int) -> bytes:
+def figure(an: dict, cfg, n_nets: int):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.8), dpi=100)
@@ -224,89 +215,35 @@ def figure(an: dict, cfg, n_nets: int) -> bytes:
     fig.suptitle(f"Noise after one activation of the Flax MNIST-example CNN reaching the next layer "
                  f"(D = {cfg.noise_variance:g}, {cfg.realizations} realizations, {n_nets} trained networks)", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig
 
 
-def main(config: Any = "default", out_dir: Optional[str] = None, *, data_dir: Optional[str] = None,
-         progress: bool = True) -> dict:
-    """Run the experiment; returns the results dict (claims, figures, numbers).
+def main(config, out_dir, *, data_dir: Optional[str] = None, progress: bool = True) -> Result:
+    """Run the experiment in ``out_dir`` (trained models, finished points, figure).
 
-    Args:
-      config: a ``config.Config`` or a name (``tiny``/``default``/``full``).
-      out_dir: folder for the trained models, the finished points and the figure.
-      data_dir: unused (the experiment runs on the 8×8 digits shipped with scikit-learn).
+    ``data_dir`` is unused: the experiment runs on the 8×8 digits shipped with scikit-learn.
     """
-    with jax.default_matmul_precision("highest"):
-        return _main(config, out_dir, progress=progress)
-
-
-def _main(config: Any, out_dir: Optional[str], *, progress: bool) -> dict:
-    cfg = _config_module().get_config(config) if isinstance(config, str) else config
-    if out_dir is None:
-        import tempfile
-
-        out_dir = tempfile.mkdtemp(prefix=f"{NAME}-")
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=2 * len(cfg.seeds), desc=NAME, unit="step", leave=False)
-    try:
+    cfg = config
+    with _common.Run(NAME, out_dir, steps=2 * len(cfg.seeds) + 1, progress=progress) as run:
         ds = data.load_digits(seed=0)
         x = _images(ds.x_test[: cfg.n_inputs])
-        variables, infos, measured, reused = [], [], [], 0
-        t_train = t_mc = 0.0
+        variables, infos, measured = [], [], []
         for s in cfg.seeds:
-            t = time.perf_counter()
-            v, info, r = trained_variables(cfg, ds, s, out)
-            t_train += time.perf_counter() - t
+            v, info = run.stage("train", trained_variables, cfg, ds, s, run)
             variables.append(v)
             infos.append(info)
-            reused += int(r)
-            if bar is not None:
-                bar.update(1)
-            t = time.perf_counter()
             ident = {"config": cfg, "model": info, "dataset": ds.name}
-            m, r = cached_point(out / "points", f"measure_s{s}",
-                                lambda v=v, s=s: measure(v, x, cfg, jax.random.fold_in(rng.key(cfg.seed), s)), key=ident)
-            t_mc += time.perf_counter() - t
+            m = run.stage("measure", run.point, f"measure_s{s}",
+                          lambda v=v, s=s: measure(v, x, cfg, jax.random.fold_in(rng.key(cfg.seed), s)), key=ident)
             measured.append({k: tuple(np.asarray(a) for a in val) for k, val in m.items()})
-            reused += int(r)
-            if bar is not None:
-                bar.update(1)
         an = analyse(measured, variables, cfg)
         claims, summary = evaluate(an, cfg)
-        atomic_write_bytes(out / f"{NAME}.png", figure(an, cfg, len(cfg.seeds)))
-    finally:
-        if bar is not None:
-            bar.close()
-    return to_jsonable({
-        "experiment": NAME,
-        "config": cfg,
-        "dataset": ds.name,
-        "models": infos,
-        "claims": claims,
-        "figures": [f"{NAME}.png"],
-        "summary": summary,
-        "layers": an["layers"],
-        "points": an["points"],
-        "points_reused": reused,
-        "seconds": {"train": t_train, "measure": t_mc, "total": time.perf_counter() - t0},
-    })
+        fig = run.stage("figure", run.figure, f"{NAME}.png", figure(an, cfg, len(cfg.seeds)))
+        return run.result(claims, [fig], config=cfg, dataset=ds.name, models=infos, summary=summary,
+                          layers=an["layers"], points=an["points"])
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import argparse
+    from .config import CONFIGS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="default", choices=("tiny", "default", "full"))
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    r = main(a.config, a.out)
-    for c in r["claims"]:
-        print(("HOLDS " if c["holds"] else "FAILS ") + c["claim"] + " — " + str(c["measured"]))
-    print(r["seconds"])
+    _common.cli(main, CONFIGS, __doc__)

@@ -35,8 +35,3 @@ full = Config(widths=(32, 64, 128, 256, 512), seeds=(0, 1, 2), n_hidden=4, steps
 
 CONFIGS = {"tiny": tiny, "default": default, "full": full}
 
-
-def get_config(name: str) -> Config:
-    if name not in CONFIGS:
-        raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {name!r}")
-    return CONFIGS[name]

@@ -18,92 +18,38 @@ per neuron, and averaged over a layer's neurons (``N`` = fan-in)::
 uncorrelated noise.  The figure plots the measured, normalized variance against
 ``mean(W²)`` and ``mean(W)²`` per layer (top) and per neuron (bottom).
 
-Run alone::
+Run alone (from the repository root)::
 
-    python experiments/connection_matrix/run.py --config tiny --out /tmp/connection_matrix
+    python -m experiments.connection_matrix.run --config tiny --out /tmp/connection_matrix
 """
 
 from __future__ import annotations
 
-import io
 import math
-import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from noisejax import data, layers, noise, rng, simulate, train
-from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, load_arrays, save_arrays, to_jsonable
+from noisejax import data, layers, rng, simulate
+from noisejax.study.claims import Claim, Result, claim
+
+from .. import _common
 
 NAME = "connection_matrix"
 PAPER = "A + follow-ups: noise reaching a layer vs connection-matrix statistics"
 
 
-def _config_module():
-    return import_file(Path(__file__).with_name("config.py"))
-
-
-def _has_mnist(data_dir: Optional[str]) -> bool:
-    if not data_dir:
-        return False
-    root = Path(data_dir)
-    return any(root.glob("train-images*idx3-ubyte*")) and any(root.glob("t10k-images*idx3-ubyte*"))
-
-
-def dataset(cfg, data_dir: Optional[str] = None) -> data.Dataset:
-    if _has_mnist(data_dir):
-        return data.load_mnist(data_dir, seed=0, flatten=True, max_train=cfg.max_train, max_test=cfg.max_test)
-    return data.load_digits(seed=0)
-
-
-def trained_weights(cfg, ds: data.Dataset, width: int, seed: int, out: Path) -> tuple[list, list, dict, bool]:
+def trained_weights(cfg, ds: data.Dataset, width: int, seed: int, run: _common.Run) -> tuple[list, list, dict]:
     """Weights and biases of the sigmoid MLP with hidden ``width`` trained from ``seed`` (cached ``.npz``)."""
-    widths = [int(np.prod(ds.feature_shape))] + [width] * cfg.n_hidden + [ds.n_classes]
-    ident = {"widths": widths, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.learning_rate,
-             "loss": cfg.loss, "seed": seed, "dataset": ds.name, "n_train": len(ds.y_train)}
-    path = out / "models" / f"mlp_w{width}_s{seed}.npz"
-    arrays = load_arrays(path, key=ident)
-    reused = arrays is not None
-    net0, init, accuracy = _network(tuple(widths))
-    if arrays is None:
-        _, p0 = init(jax.random.key(seed), (widths[0],))
-        res = train.train_plain(net0, p0, ds.x_train, ds.y_train, key=jax.random.key(seed + 1000), loss=cfg.loss,
-                                steps=cfg.steps, batch_size=cfg.batch_size, optimizer=_optimizer(cfg.learning_rate))
-        arrays = {}
-        for l, blk in enumerate(res.params):
-            arrays[f"W{l}"] = np.asarray(blk[0]["W"])
-            arrays[f"b{l}"] = np.asarray(blk[0]["b"])
-        save_arrays(path, arrays, key=ident)
-    n = len(widths) - 1
-    Ws = [arrays[f"W{l}"] for l in range(n)]
-    bs = [arrays[f"b{l}"] for l in range(n)]
-    params = tuple(({"W": jnp.asarray(w), "b": jnp.asarray(b)}, (), ()) for w, b in zip(Ws, bs))
-    acc = float(accuracy(params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)))
-    return Ws, bs, {"width": width, "seed": seed, "widths": widths, "clean_test_accuracy": acc}, reused
-
-
-_OPTIMIZERS: dict = {}
-_NETWORKS: dict = {}
-
-
-def _network(widths: tuple):
-    """``(net, jitted init, jitted clean accuracy)``, one per architecture: seeds share compiled programs."""
-    if widths not in _NETWORKS:
-        net = layers.mlp(list(widths), "sigmoid")
-        acc = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(layers.apply_batch(net, p, x), -1) == y))
-        _NETWORKS[widths] = (net, jax.jit(net.init, static_argnums=1), acc)
-    return _NETWORKS[widths]
-
-
-def _optimizer(lr: float):
-    """One optax object per learning rate, so same-shape networks reuse the compiled training step."""
-    if lr not in _OPTIMIZERS:
-        _OPTIMIZERS[lr] = optax.adam(lr)
-    return _OPTIMIZERS[lr]
+    _, params, info, reused = _common.trained_mlp(
+        ds, [width] * cfg.n_hidden, steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        loss=cfg.loss, seed=seed, train_seed=seed + 1000, path=run.out / "models" / f"mlp_w{width}_s{seed}.npz")
+    run.reused += int(reused)
+    Ws = [np.asarray(p[0]["W"]) for p in params]
+    bs = [np.asarray(p[0]["b"]) for p in params]
+    return Ws, bs, {"width": width, "seed": seed, "widths": info["widths"], "clean_test_accuracy": info["clean_test_accuracy"]}
 
 
 def measure(models: list[tuple[list, list]], x, cfg, key) -> list[list[np.ndarray]]:
@@ -112,9 +58,7 @@ def measure(models: list[tuple[list, list]], x, cfg, key) -> list[list[np.ndarra
     Returns ``[net][s]`` arrays ``(2, width_{s+1})``: row 0 uncorrelated (``ξ_AU``),
     row 1 correlated (``ξ_AC``) additive noise of variance ``D``, averaged over inputs.
     """
-    d = cfg.noise_variance
-    nz2 = noise.NeuronNoise(add_uncorrelated=jnp.array([d, 0.0], jnp.float32),
-                            add_correlated=jnp.array([0.0, d], jnp.float32))
+    nz2 = _common.noise_stack(cfg.noise_variance, ("add_uncorrelated", "add_correlated"))
     nets = [layers.from_weights([jnp.asarray(w) for w in Ws], [jnp.asarray(b) for b in bs], "sigmoid") for Ws, bs in models]
 
     def one(k):
@@ -190,7 +134,7 @@ def analyse(models: list, infos: list[dict], var: list, cfg) -> dict:
     }
 
 
-def evaluate(an: dict, cfg) -> tuple[list[dict], dict]:
+def evaluate(an: dict, cfg) -> tuple[list[Claim], dict]:
     f = an["fits"]
     tol = 5 * math.sqrt(2.0 / (cfg.realizations - 1))  # relative, one neuron (correlated: all neurons share the draw)
     claims = []
@@ -234,7 +178,15 @@ def evaluate(an: dict, cfg) -> tuple[list[dict], dict]:
     return claims, {"relative_tolerance_5sigma": tol, "fits": f}
 
 
-def figure(an: dict, infos: list[dict], cfg) -> bytes:
+def _identity(ax, xs) -> None:
+    """The prediction ``y = x`` over the positive range of ``xs``."""
+    xs = np.asarray([v for v in xs if v > 0])
+    if xs.size:
+        lo, hi = xs.min() / 2, xs.max() * 2
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction y = x")
+
+
+def figure(an: dict, infos: list[dict], cfg):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 9), dpi=100)
@@ -242,12 +194,6 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
     color = {w: f"C{k}" for k, w in enumerate(widths)}
     marker = "osD^v<>"
     rows = an["layers"]
-
-    def ident(ax, xs):
-        xs = np.asarray([v for v in xs if v > 0])
-        if xs.size:
-            lo, hi = xs.min() / 2, xs.max() * 2
-            ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="prediction y = x")
 
     panels = [
         ("mean_W2", "uncorrelated_normalized", "per layer: mean(W²)", "⟨Var x⟩ / (D·N)", "uncorrelated noise (ξ_AU)"),
@@ -262,7 +208,7 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
         if xk == "mean_W_squared":  # the exact layer average: mean(W)² + spread of the neurons' mean weights
             ex = [r["mean_W_squared"] + r["var_of_neuron_means"] for r in rows]
             ax.plot(ex, [r[yk] for r in rows], "k.", ms=5, label="x = mean(W)² + Var_i mean_j W_ji (exact)")
-        ident(ax, [r[xk] for r in rows] + [r[yk] for r in rows])
+        _identity(ax, [r[xk] for r in rows] + [r[yk] for r in rows])
         for w in widths:  # colour: the hidden width; marker shape: the training seed
             ax.plot([], [], "o", color=color[w], mfc="none", label=f"layer of a network with hidden width {w}")
         for i, seed in enumerate(cfg.seeds):
@@ -282,7 +228,7 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
         for n, info in enumerate(infos):
             sel = net == n
             ax.plot(x[sel], y[sel], ".", color=color[info["width"]], ms=3, alpha=0.6)
-        ident(ax, np.concatenate([x, y]))
+        _identity(ax, np.concatenate([x, y]))
         for w in widths:
             ax.plot([], [], ".", color=color[w], ms=6, label=f"neuron of a network with hidden width {w}")
         ax.set_xscale("log")
@@ -295,99 +241,32 @@ def figure(an: dict, infos: list[dict], cfg) -> bytes:
     fig.suptitle(f"Noise reaching a layer vs its connection matrix ({len(infos)} trained sigmoid MLPs, "
                  f"D = {cfg.noise_variance:g} at one layer, {cfg.realizations} realizations)", fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig
 
 
-def replot(result: dict, cfg, out_dir) -> None:
-    """Re-draw the figure from a stored result (no recomputation)."""
-    an = {"layers": result["layers"], "neurons": result["neurons"]}
-    Path(out_dir, f"{NAME}.png").write_bytes(figure(an, result["models"], cfg))
-
-
-def main(config: Any = "default", out_dir: Optional[str] = None, *, data_dir: Optional[str] = None,
-         progress: bool = True) -> dict:
-    """Run the experiment; returns the results dict (claims, figures, numbers).
-
-    Args:
-      config: a ``config.Config`` or a name (``tiny``/``default``/``full``).
-      out_dir: folder for the trained models, the finished points and the figure.
-      data_dir: folder with real MNIST IDX files (used when present).
-    """
-    # full float32 matrix products: on GPUs the default (TF32) would add rounding noise of ~1e-3 relative
-    with jax.default_matmul_precision("highest"):
-        return _main(config, out_dir, data_dir=data_dir, progress=progress)
-
-
-def _main(config: Any = "default", out_dir: Optional[str] = None, *, data_dir: Optional[str] = None,
-         progress: bool = True) -> dict:
-    cfg = _config_module().get_config(config) if isinstance(config, str) else config
-    if out_dir is None:
-        import tempfile
-
-        out_dir = tempfile.mkdtemp(prefix=f"{NAME}-")
-    out = Path(out_dir)
-    t0 = time.perf_counter()
+def main(config, out_dir, *, data_dir: Optional[str] = None, progress: bool = True) -> Result:
+    """Run the experiment in ``out_dir`` (trained models, finished points, figure); real MNIST from ``data_dir`` if there."""
+    cfg = config
     combos = [(w, s) for w in cfg.widths for s in cfg.seeds]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(combos) + 2, desc=NAME, unit="step", leave=False)
-    try:
-        ds = dataset(cfg, data_dir)
-        models, infos, reused = [], [], 0
-        t = time.perf_counter()
+    with _common.Run(NAME, out_dir, steps=len(combos) + 2, progress=progress) as run:
+        ds = _common.dataset(data_dir, seed=0, max_train=cfg.max_train, max_test=cfg.max_test)
+        models, infos = [], []
         for w, s in combos:
-            Ws, bs, info, r = trained_weights(cfg, ds, w, s, out)
+            Ws, bs, info = run.stage("train", trained_weights, cfg, ds, w, s, run)
             models.append((Ws, bs))
             infos.append(info)
-            reused += int(r)
-            if bar is not None:
-                bar.update(1)
-        t_train = time.perf_counter() - t
         x = jnp.asarray(ds.x_test[: cfg.n_inputs])
         ident = {"config": cfg, "models": infos, "dataset": ds.name}
-        t = time.perf_counter()
-        var, r = cached_point(out / "points", "monte_carlo", lambda: measure(models, x, cfg, rng.key(cfg.seed)), key=ident)
-        t_mc = time.perf_counter() - t
-        reused += int(r)
-        if bar is not None:
-            bar.update(1)
+        var = run.stage("monte_carlo", run.point, "monte_carlo", lambda: measure(models, x, cfg, rng.key(cfg.seed)), key=ident)
         var = [[np.asarray(v) for v in per_net] for per_net in var]
         an = analyse(models, infos, var, cfg)
         claims, summary = evaluate(an, cfg)
-        atomic_write_bytes(out / f"{NAME}.png", figure(an, infos, cfg))
-        if bar is not None:
-            bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return to_jsonable({
-        "experiment": NAME,
-        "config": cfg,
-        "dataset": ds.name,
-        "models": infos,
-        "claims": claims,
-        "figures": [f"{NAME}.png"],
-        "summary": summary,
-        "layers": an["layers"],
-        "neurons": an["neurons"],
-        "points_reused": reused,
-        "seconds": {"train": t_train, "monte_carlo": t_mc, "total": time.perf_counter() - t0},
-    })
+        fig = run.stage("figure", run.figure, f"{NAME}.png", figure(an, infos, cfg))
+        return run.result(claims, [fig], config=cfg, dataset=ds.name, models=infos, summary=summary,
+                          layers=an["layers"], neurons=an["neurons"])
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import argparse
+    from .config import CONFIGS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="default", choices=("tiny", "default", "full"))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--data-dir", default=None)
-    a = ap.parse_args()
-    r = main(a.config, a.out, data_dir=a.data_dir)
-    for c in r["claims"]:
-        print(("HOLDS " if c["holds"] else "FAILS ") + c["claim"] + " — " + str(c["measured"]))
-    print(r["seconds"])
+    _common.cli(main, CONFIGS, __doc__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["Config", "NOISE_TYPES", "tiny", "default", "full", "get"]
+__all__ = ["Config", "NOISE_TYPES", "CONFIGS"]
 
 NOISE_TYPES = ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated")
 
@@ -35,7 +35,6 @@ class Config:
       rng: ``"fast"`` (noisejax.rng), ``"threefry"`` or ``"rbg"``.
     """
 
-    name: str = "default"
     seed: int = 0
     rng: str = "fast"
     widths: tuple[int, ...] = (64, 32, 10)
@@ -59,7 +58,6 @@ class Config:
     )
     min_loss: float = 0.10
     slope_scales: tuple[float, ...] = (0.5, 2.0)
-    progress: bool = False
 
     def grid(self, noise_type: str) -> tuple[float, ...]:
         return self.grids[NOISE_TYPES.index(noise_type)]
@@ -71,7 +69,6 @@ class Config:
 def tiny() -> Config:
     """Seconds: a handful of steps and grid points (for tests; numbers are meaningless)."""
     return Config(
-        name="tiny",
         widths=(64, 8, 10),
         steps=30,
         batch_size=64,
@@ -92,7 +89,6 @@ def default() -> Config:
 def full() -> Config:
     """GPU: longer training, more realizations, finer grids."""
     return Config(
-        name="full",
         widths=(64, 64, 10),
         steps=10000,
         train_realizations=64,
@@ -109,11 +105,4 @@ def full() -> Config:
     )
 
 
-_CONFIGS = {"tiny": tiny, "default": default, "full": full}
-
-
-def get(name: str) -> Config:
-    """Config by name: ``tiny``, ``default`` or ``full``."""
-    if name not in _CONFIGS:
-        raise ValueError(f"config must be one of {', '.join(_CONFIGS)}; got {name!r}")
-    return _CONFIGS[name]()
+CONFIGS = {"tiny": tiny(), "default": default(), "full": full()}

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
-
 from noisejax.federated import FederatedConfig
-from noisejax.models import ModelConfig
+from noisejax.study.models import ModelConfig
 
-__all__ = ["FedSpec", "Config", "tiny", "default", "full", "get"]
+__all__ = ["FedSpec", "Config", "CONFIGS"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Config:
       denoisers: server denoisers compared (ML is the baseline).
       n_seeds: independent federated runs per WNR point (mean ± std).
       targets: accuracies at which dB gains are read off (final test accuracy).
-      out_dir: results.json and PNGs.  seed: base key.
+      seed: base key.
     """
 
     specs: tuple[FedSpec, ...]
@@ -43,9 +41,6 @@ class Config:
     n_seeds: int = 1
     targets: tuple[float, ...] = (0.6, 0.8)
     seed: int = 0
-    out_dir: str = "experiments/noisy_federated/results"
-    cache_dir: Optional[str] = None
-    progress: bool = False
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -89,9 +84,4 @@ def tiny() -> Config:
     return Config(specs=(FedSpec("mlp_tiny", mlp, fed, (-10.0, 10.0)),), n_seeds=1)
 
 
-def get(name: str) -> Config:
-    """``"tiny" | "default" | "full"``."""
-    table = {"tiny": tiny, "default": default, "full": full}
-    if name not in table:
-        raise ValueError(f"config must be one of {', '.join(table)}; got {name!r}")
-    return table[name]()
+CONFIGS = {"tiny": tiny(), "default": default(), "full": full()}

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from noisejax.study.models import ModelConfig
 
-from noisejax.models import ModelConfig
-
-__all__ = ["ModelSpec", "Config", "tiny", "default", "full", "get"]
+__all__ = ["ModelSpec", "Config", "CONFIGS"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,9 @@ class Config:
         map only), ``"common"`` (plus the blind common-mode MMSE with a learned exponent;
         no side information) and/or ``"projection"`` (plus the common-mode projection,
         whose per-channel targets are side information).
+      authors_form: also select (validation split, same grid and noise realizations) and report
+        the authors' published closed form of the compensated MMSE (``denoise.MMSEpb``:
+        global clean-weight variance, no fallback); costs one more compiled grid call per model.
       recalibrate: for BatchNorm models, also evaluate ML, the selected compensated MMSE
         and the ``"common"`` learned denoiser followed by a re-estimation of the batch
         statistics on the (unlabeled) validation inputs; that learned denoiser is then
@@ -47,7 +48,6 @@ class Config:
       learned_steps, learned_draws, learned_batch, learned_lr: its optax training
         (on the validation split; never the test split).
       targets: accuracies at which dB gains are read off.
-      out_dir: where results.json and the PNGs go.  cache_dir: model cache (None: default).
     """
 
     specs: tuple[ModelSpec, ...]
@@ -59,6 +59,7 @@ class Config:
     scope: str = "global"
     learned_per_channel: bool = False
     learned_variants: tuple[str, ...] = ("affine", "common", "projection")
+    authors_form: bool = True
     recalibrate: bool = True
     learned_steps: int = 300
     learned_draws: int = 8
@@ -66,9 +67,6 @@ class Config:
     learned_lr: float = 0.02
     targets: tuple[float, ...] = (0.6, 0.8)
     seed: int = 0
-    out_dir: str = "experiments/noisy_inference/results"
-    cache_dir: Optional[str] = None
-    progress: bool = False
 
     def replace(self, **kw) -> "Config":
         return dataclasses.replace(self, **kw)
@@ -136,9 +134,4 @@ def tiny() -> Config:
     )
 
 
-def get(name: str) -> Config:
-    """``"tiny" | "default" | "full"``."""
-    table = {"tiny": tiny, "default": default, "full": full}
-    if name not in table:
-        raise ValueError(f"config must be one of {', '.join(table)}; got {name!r}")
-    return table[name]()
+CONFIGS = {"tiny": tiny(), "default": default(), "full": full()}

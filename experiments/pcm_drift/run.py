@@ -25,11 +25,9 @@ Run alone::
 
 from __future__ import annotations
 
-import io
 import math
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +35,13 @@ import numpy as np
 import optax
 
 import noisejax
-from noisejax import data, layers, models, rng, simulate, train
+from noisejax import data, layers, rng, simulate, train
 from noisejax import hardware as hw
-from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, load_arrays, save_arrays, to_jsonable
+from noisejax.study import models
+from noisejax.study.claims import Result, claim
+from noisejax.study.files import cached_point, load_arrays, save_arrays
+
+from .. import _common
 
 NAME = "pcm_drift"
 COMPENSATIONS = ("readout", "exact", "none")
@@ -50,12 +52,10 @@ MODEL_LABEL = {"plain": "plain", "hwa": "hardware-aware"}
 SOURCE = "aihwkit's PCM inference study (Joshi et al. 2020; issue 16)"
 
 
-def _config_module():
-    return import_file(Path(__file__).with_name("config.py"))
-
-
 def _time_labels(cfg):
-    labels = dict(zip(_config_module().SECONDS, _config_module().TIME_LABELS))
+    from .config import SECONDS, TIME_LABELS
+
+    labels = dict(zip(SECONDS, TIME_LABELS))
     return [labels.get(float(t), f"{t:g} s") for t in cfg.times]
 
 
@@ -424,7 +424,7 @@ def evaluate(res: dict, cfg) -> tuple[list, dict]:
     return claims, summary
 
 
-def figure(res: dict, cfg) -> bytes:
+def figure(res: dict, cfg):
     from matplotlib.figure import Figure
 
     labels = _time_labels(cfg)
@@ -491,9 +491,7 @@ def figure(res: dict, cfg) -> bytes:
     fig.suptitle("Accuracy vs time after programming onto PCM (aihwkit 1.1.0 device model and periphery, 512×512 tiles)",
                  fontsize=11)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig
 
 
 # ----------------------------------------------------------------------------------
@@ -501,118 +499,64 @@ def figure(res: dict, cfg) -> bytes:
 # ----------------------------------------------------------------------------------
 
 
-def main(config: Any = "default", out_dir: Optional[str] = None, *, progress: bool = True) -> dict:
-    """Run the experiment; returns the results dict (claims, figures, numbers)."""
-    with jax.default_matmul_precision("highest"):
-        return _main(config, out_dir, progress=progress)
+def main(config, out_dir, *, data_dir: Optional[str] = None, progress: bool = True) -> Result:
+    """Run the experiment in ``out_dir`` (trained models, finished points, figure, ``results.json``).
 
-
-def _main(config, out_dir, *, progress):
-    cfg = _config_module().get_config(config) if isinstance(config, str) else config
-    if out_dir is None:
-        import tempfile
-
-        out_dir = tempfile.mkdtemp(prefix=f"{NAME}-")
-    out = Path(out_dir)
-    t0 = time.perf_counter()
+    ``data_dir`` is unused: the MLP runs on scikit-learn's digits, the ResNet on MNIST-1D.
+    Matrix products run at full float32 precision (``jax.default_matmul_precision("highest")``).
+    """
+    cfg = config
     steps = 4 + 2 * len(MODELS) * len(COMPENSATIONS) + int(cfg.resnet)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=NAME, unit="step", leave=False)
-
-    def tick():
-        if bar is not None:
-            bar.update(1)
-
-    seconds: dict = {}
-    try:
+    with _common.Run(NAME, out_dir, steps=steps, progress=progress) as run:
+        out = run.out
         ds = data.load_digits(seed=cfg.seed)
-        t = time.perf_counter()
         n_test = cfg.n_test or len(ds.y_test)
-        net, params, info, reused = mlp_models(cfg, ds, out, n_test)
-        seconds["train"] = time.perf_counter() - t
-        tick()
+        net, params, info, reused = run.stage("train", mlp_models, cfg, ds, out, n_test)
+        run.reused += reused
         x, y = jnp.asarray(ds.x_test[:n_test]), jnp.asarray(ds.y_test[:n_test])
         ident = {"config": cfg, "model": info}
         key = rng.key(cfg.seed)
         res: dict = {"mc": {}, "analytic": {}, "model": info}
-        t = time.perf_counter()
         for ci, comp in enumerate(COMPENSATIONS):
             chip = hw.AnalogHardware(compensation=comp)
             for mi, m in enumerate(MODELS):
                 if comp == "none" and m == "hwa":
-                    tick()
-                    tick()
+                    run.tick(2)
                     continue
                 k = jax.random.fold_in(key, 10 * ci + mi)
 
-                def mc_point():
+                def mc_point(m=m, chip=chip, k=k):
                     acc = mc_accuracy(net, params[m], x, y, cfg, chip, k)
                     return {"mean": acc.mean(0).tolist(), "std": acc.std(0, ddof=1).tolist()}
 
-                res["mc"][f"{m}/{comp}"], r = cached_point(out / "points", f"mc-{m}-{comp}", mc_point,
-                                                          key={**ident, "what": "mc", "m": m, "comp": comp})
-                reused += int(r)
-                tick()
+                res["mc"][f"{m}/{comp}"] = run.stage("accuracy", run.point, f"mc-{m}-{comp}", mc_point,
+                                                     key={**ident, "what": "mc", "m": m, "comp": comp})
                 if comp != "none":
-                    val, r = cached_point(out / "points", f"analytic-{m}-{comp}",
-                                          lambda: analytic_accuracy(net, params[m], x, y, cfg, chip,
-                                                                    jax.random.fold_in(k, 1)).tolist(),
-                                          key={**ident, "what": "analytic", "m": m, "comp": comp})
-                    res["analytic"][f"{m}/{comp}"] = val
-                    reused += int(r)
-                tick()
-        seconds["accuracy"] = time.perf_counter() - t
-        t = time.perf_counter()
+                    res["analytic"][f"{m}/{comp}"] = run.stage(
+                        "accuracy", run.point, f"analytic-{m}-{comp}",
+                        lambda m=m, chip=chip, k=k: analytic_accuracy(net, params[m], x, y, cfg, chip,
+                                                                      jax.random.fold_in(k, 1)).tolist(),
+                        key={**ident, "what": "analytic", "m": m, "comp": comp})
+                else:
+                    run.tick()
         xv = jnp.asarray(ds.x_test[: cfg.variance_inputs])
-        res["layer_variances"], r = cached_point(
-            out / "points", "layer-variances",
+        res["layer_variances"] = run.stage(
+            "variances_and_gains", run.point, "layer-variances",
             lambda: layer_variances(net, params["plain"], xv, cfg, hw.AnalogHardware(compensation="exact"),
                                     jax.random.fold_in(key, 100)), key={**ident, "what": "variances"})
-        reused += int(r)
-        tick()
-        res["gains"], r = cached_point(out / "points", "gains",
-                                       lambda: compensation_gains(params["plain"], cfg, jax.random.fold_in(key, 200)),
-                                       key={**ident, "what": "gains"})
-        reused += int(r)
-        seconds["variances_and_gains"] = time.perf_counter() - t
-        tick()
+        res["gains"] = run.stage("variances_and_gains", run.point, "gains",
+                                 lambda: compensation_gains(params["plain"], cfg, jax.random.fold_in(key, 200)),
+                                 key={**ident, "what": "gains"})
         if cfg.resnet:
-            t = time.perf_counter()
-            res["resnet"], r = resnet_part(cfg, out, jax.random.fold_in(key, 300))
-            reused += r
-            seconds["resnet"] = time.perf_counter() - t
-            tick()
+            res["resnet"], r = run.stage("resnet", resnet_part, cfg, out, jax.random.fold_in(key, 300))
+            run.reused += r
         claims, summary = evaluate(res, cfg)
-        atomic_write_bytes(out / f"{NAME}.png", figure(res, cfg))
-        tick()
-    finally:
-        if bar is not None:
-            bar.close()
-    return to_jsonable({
-        "experiment": NAME,
-        "config": cfg,
-        "claims": claims,
-        "figures": [f"{NAME}.png"],
-        "summary": summary,
-        "times": list(cfg.times),
-        "time_labels": _time_labels(cfg),
-        **res,
-        "points_reused": reused,
-        "seconds": dict(seconds, total=time.perf_counter() - t0),
-    })
+        fig = run.stage("figure", run.figure, f"{NAME}.png", figure(res, cfg))
+        return run.result(claims, [fig], config=cfg, summary=summary, times=list(cfg.times),
+                          time_labels=_time_labels(cfg), **res)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import argparse
+    from .config import CONFIGS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="default", choices=("tiny", "default", "full"))
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    r = main(a.config, a.out)
-    for c in r["claims"]:
-        print(("HOLDS " if c["holds"] else "FAILS ") + c["claim"] + " — " + str(c["measured"]))
-    print(r["seconds"])
+    _common.cli(main, CONFIGS, __doc__)

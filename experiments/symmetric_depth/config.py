@@ -30,8 +30,3 @@ full = Config(width=100, depth=50, realizations=100_000)
 
 CONFIGS = {"tiny": tiny, "default": default, "full": full}
 
-
-def get_config(name: str) -> Config:
-    if name not in CONFIGS:
-        raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {name!r}")
-    return CONFIGS[name]

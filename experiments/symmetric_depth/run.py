@@ -19,17 +19,14 @@ The bias of each network is chosen so that the noise-free signal is identical in
 every layer (``linear_level`` for the linear networks, ``sigmoid_level`` for the
 sigmoid): all changes with depth are then noise, and ``SNR = level²/variance``.
 
-Run alone::
+Run alone (from the repository root)::
 
-    python experiments/symmetric_depth/run.py --config tiny --out /tmp/symmetric_depth
+    python -m experiments.symmetric_depth.run --config tiny --out /tmp/symmetric_depth
 """
 
 from __future__ import annotations
 
-import io
 import math
-import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -37,20 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from noisejax import layers, meanfield, moments, noise, rng, simulate
-from noisejax.reproduce import atomic_write_bytes, cached_point, claim, import_file, to_jsonable
+from noisejax import layers, meanfield, moments, rng, simulate
+from noisejax.study.claims import Claim, Result, claim
+
+from .. import _common
+from .._common import LABELS as FULL_LABELS
+from .._common import NOISE_TYPES, noise_stack
 
 NAME = "symmetric_depth"
-NOISE_TYPES = ("add_uncorrelated", "add_correlated", "mul_uncorrelated", "mul_correlated")
-LABELS = {"add_uncorrelated": "additive uncorr.", "add_correlated": "additive corr.",
-          "mul_uncorrelated": "multiplicative uncorr.", "mul_correlated": "multiplicative corr."}
-FULL_LABELS = {"add_uncorrelated": "additive uncorrelated", "add_correlated": "additive correlated",
-               "mul_uncorrelated": "multiplicative uncorrelated", "mul_correlated": "multiplicative correlated"}
 PAPER = "A, symmetric deep networks: noise variance vs layer"
-
-
-def _config_module():
-    return import_file(Path(__file__).with_name("config.py"))
 
 
 # ----------------------------------------------------------------------------------
@@ -91,7 +83,7 @@ def groups(cfg) -> list[list[dict]]:
 
 def block(kind: str):
     """One paper layer ``serial(Dense, f, NeuronNoise)``; ``f`` is the identity for the linear group."""
-    return layers.serial(layers.Dense(1), layers.activation(kind), layers.NeuronNoise())
+    return layers.serial(layers.Dense(1), layers.activation(kind), layers.NoiseSite())
 
 
 def block_params(group: list[dict], width: int):
@@ -99,12 +91,6 @@ def block_params(group: list[dict], width: int):
     W = jnp.stack([jnp.full((width, width), c["scale"] * c["coupling"] / width, jnp.float32) for c in group])
     b = jnp.stack([jnp.full((width,), c["scale"] * c["bias"], jnp.float32) for c in group])
     return ({"W": W, "b": b}, (), ())
-
-
-def noise_stack(d: float) -> noise.NeuronNoise:
-    """The four single-type noises stacked on a leading axis (vmap over it)."""
-    eye = np.eye(4, dtype=np.float32) * d
-    return noise.NeuronNoise(**{t: eye[i] for i, t in enumerate(NOISE_TYPES)})
 
 
 def monte_carlo(cfg, key) -> dict:
@@ -209,24 +195,22 @@ def _z(mc: np.ndarray, an: np.ndarray, n: int) -> np.ndarray:
     return (mc / an - 1.0) / math.sqrt(2.0 / (n - 1))
 
 
-def evaluate(points: list[dict], cfg) -> tuple[list[dict], dict]:
-    n = cfg.realizations
-    tol = 5.0 * math.sqrt(2.0 / (n - 1))
+def _final_vs_limit(p: dict, half: int):
+    """Last layer's MC variance over the mean-field limit − 1, and its growth over the second half."""
+    mc = np.asarray(p["mc_var"])
+    lim = np.array([l["var"] if isinstance(l["var"], float) else np.inf for l in p["limits"]])
+    return mc[:, -1] / lim - 1.0, mc[:, -1] / mc[:, half - 1]
+
+
+def _suppressed_claims(points: list[dict], cfg, tol: float, summary: dict) -> list[Claim]:
+    """Slopes below 1 and the sigmoid: the variance saturates at the mean-field limit."""
+    L, half = cfg.depth, max(cfg.depth // 2, 1)
     by = {p["case"]["name"]: p for p in points}
-    summary: dict[str, Any] = {"relative_tolerance_5sigma": tol}
-    claims = []
-    L = cfg.depth
-    half = max(L // 2, 1)
-
-    def final_vs_limit(p):
-        mc = np.asarray(p["mc_var"])
-        lim = np.array([l["var"] if isinstance(l["var"], float) else np.inf for l in p["limits"]])
-        return mc[:, -1] / lim - 1.0, mc[:, -1] / mc[:, half - 1]
-
     suppressed = [p for p in points if p["case"]["name"] != "sigmoid" and p["case"]["slope"] * p["case"]["coupling"] < 1]
+    claims = []
     for p in suppressed + ([by["sigmoid"]] if "sigmoid" in by else []):
         name = p["case"]["name"]
-        dev, growth = final_vs_limit(p)
+        dev, growth = _final_vs_limit(p, half)
         bounded = all(l["bounded"] for l in p["limits"])
         ok = bounded and bool(np.all(np.abs(dev) < tol))
         summary[f"{name}_final_over_limit_minus_1"] = dict(zip(NOISE_TYPES, dev.tolist()))
@@ -240,6 +224,13 @@ def evaluate(points: list[dict], cfg) -> tuple[list[dict], dict]:
             ok,
             "" if ok else "the Monte Carlo variance at the last layer is not at the mean-field limit",
         ))
+    return claims
+
+
+def _growth_claims(points: list[dict], cfg, tol: float, summary: dict) -> list[Claim]:
+    """Slopes above 1 grow without bound; slope 1 is the boundary."""
+    L, half = cfg.depth, max(cfg.depth // 2, 1)
+    claims = []
     for p in points:
         c = p["case"]
         if c["name"] == "sigmoid" or c["slope"] * c["coupling"] <= 1:
@@ -261,7 +252,7 @@ def evaluate(points: list[dict], cfg) -> tuple[list[dict], dict]:
         c = p["case"]
         if c["name"] == "sigmoid" or abs(c["slope"] * c["coupling"] - 1) > 1e-9:
             continue
-        dev, growth = final_vs_limit(p)
+        dev, growth = _final_vs_limit(p, half)
         bounded = any(l["bounded"] for l in p["limits"])
         summary[f"{c['name']}_growth_second_half"] = dict(zip(NOISE_TYPES, growth.tolist()))
         claims.append(claim(
@@ -274,13 +265,18 @@ def evaluate(points: list[dict], cfg) -> tuple[list[dict], dict]:
             "the variance grows linearly with depth. The paper's 'generally bound' holds for slopes below 1 "
             "(and the sigmoid); slope 1 is the boundary.",
         ))
-    # MC vs analytic
+    return claims
+
+
+def _prediction_claim(points: list[dict], cfg, summary: dict) -> Claim:
+    """Monte Carlo against the analytic curves, in sampling standard deviations."""
+    n = cfg.realizations
     z = np.concatenate([_z(np.asarray(p["mc_var"]), np.asarray(p["analytic_var"]), n).ravel() for p in points])
     rel = np.concatenate([(np.asarray(p["mc_var"]) / np.asarray(p["analytic_var"]) - 1).ravel() for p in points])
     summary.update({"mc_vs_analytic_max_abs_z": float(np.max(np.abs(z))), "mc_vs_analytic_median_abs_rel": float(np.median(np.abs(rel))),
                     "mc_vs_analytic_max_abs_rel": float(np.max(np.abs(rel))),
                     "n_points": int(z.size)})
-    claims.append(claim(
+    return claim(
         "The analytic prediction gives the noise level in any layer of a symmetric deep network",
         PAPER + " (analytic curves over simulation)",
         f"{z.size} (activation, noise type, layer) points: max |MC/analytic − 1| = {np.max(np.abs(rel)):.3f}, "
@@ -289,7 +285,14 @@ def evaluate(points: list[dict], cfg) -> tuple[list[dict], dict]:
         bool(np.max(np.abs(z)) < 6.0),
         "z uses the Gaussian sampling std of a variance, sqrt(2/(n-1)); multiplicative noise is not Gaussian (heavier tails), "
         "so its z-scores are inflated",
-    ))
+    )
+
+
+def evaluate(points: list[dict], cfg) -> tuple[list[Claim], dict]:
+    tol = 5.0 * math.sqrt(2.0 / (cfg.realizations - 1))
+    summary: dict[str, Any] = {"relative_tolerance_5sigma": tol}
+    claims = _suppressed_claims(points, cfg, tol, summary) + _growth_claims(points, cfg, tol, summary)
+    claims.append(_prediction_claim(points, cfg, summary))
     return claims, summary
 
 
@@ -297,7 +300,7 @@ def _fmt_list(xs) -> str:
     return "[" + ", ".join(f"{x:.3g}" for x in np.asarray(xs).ravel()) + "] (AU, AC, MU, MC)"
 
 
-def figure(points: list[dict], cfg) -> bytes:
+def figure(points: list[dict], cfg):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -338,9 +341,7 @@ def figure(points: list[dict], cfg) -> bytes:
     fig.suptitle(f"Noise variance vs depth in symmetric deep networks (N = {cfg.width} neurons per layer, W_ij = c/N)\n"
                  f"one noise type at a time, variance D = {cfg.noise_variance:g} added at every layer", fontsize=10.5)
     fig.tight_layout(rect=(0, 0.6 / (4.0 * rows + 1.1), 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig
 
 
 # ----------------------------------------------------------------------------------
@@ -348,72 +349,21 @@ def figure(points: list[dict], cfg) -> bytes:
 # ----------------------------------------------------------------------------------
 
 
-def main(config: Any = "default", out_dir: Optional[str] = None, *, progress: bool = True) -> dict:
-    """Run the experiment; returns the results dict (claims, figures, numbers).
-
-    Args:
-      config: a ``config.Config`` or a name (``tiny``/``default``/``full``).
-      out_dir: folder for the figure and the finished points (default: a temp folder).
-    """
-    # full float32 matrix products: on GPUs the default (TF32) would add rounding noise of ~1e-3 relative
-    with jax.default_matmul_precision("highest"):
-        return _main(config, out_dir, progress=progress)
-
-
-def _main(config: Any = "default", out_dir: Optional[str] = None, *, progress: bool = True) -> dict:
-    cfg = _config_module().get_config(config) if isinstance(config, str) else config
-    if out_dir is None:
-        import tempfile
-
-        out_dir = tempfile.mkdtemp(prefix=f"{NAME}-")
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    key = rng.key(cfg.seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=3, desc=NAME, unit="step", leave=False)
-    seconds = {}
-    try:
+def main(config, out_dir, *, data_dir: Optional[str] = None, progress: bool = True) -> Result:
+    """Run the experiment in ``out_dir`` (figure, finished points); ``data_dir`` is unused."""
+    cfg = config
+    with _common.Run(NAME, out_dir, steps=3, progress=progress) as run:
+        key = rng.key(cfg.seed)
         ident = {"config": cfg, "cases": cases(cfg)}
-        t = time.perf_counter()
-        mc, mc_reused = cached_point(out / "points", "monte_carlo", lambda: monte_carlo(cfg, key), key=ident)
-        seconds["monte_carlo"] = time.perf_counter() - t
-        if bar is not None:
-            bar.update(1)
-        t = time.perf_counter()
-        an, an_reused = cached_point(out / "points", "analytic", lambda: analytic(cfg), key=ident)
-        seconds["analytic"] = time.perf_counter() - t
-        if bar is not None:
-            bar.update(1)
+        mc = run.stage("monte_carlo", run.point, "monte_carlo", lambda: monte_carlo(cfg, key), key=ident)
+        an = run.stage("analytic", run.point, "analytic", lambda: analytic(cfg), key=ident)
         points = assemble(cfg, mc, an)
         claims, summary = evaluate(points, cfg)
-        atomic_write_bytes(out / f"{NAME}.png", figure(points, cfg))
-        if bar is not None:
-            bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return to_jsonable({
-        "experiment": NAME,
-        "config": cfg,
-        "claims": claims,
-        "figures": [f"{NAME}.png"],
-        "summary": summary,
-        "points": points,
-        "points_reused": int(mc_reused) + int(an_reused),
-        "seconds": dict(seconds, total=time.perf_counter() - t0),
-    })
+        fig = run.stage("figure", run.figure, f"{NAME}.png", figure(points, cfg))
+        return run.result(claims, [fig], config=cfg, summary=summary, points=points)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    import argparse
+    from .config import CONFIGS
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="default", choices=("tiny", "default", "full"))
-    ap.add_argument("--out", default=None)
-    a = ap.parse_args()
-    r = main(a.config, a.out)
-    for c in r["claims"]:
-        print(("HOLDS " if c["holds"] else "FAILS ") + c["claim"] + " — " + str(c["measured"]))
+    _common.cli(main, CONFIGS, __doc__)

@@ -36,8 +36,3 @@ full = Config(hidden=(256, 256, 256, 256), steps=20_000, n_inputs=256, realizati
 
 CONFIGS = {"tiny": tiny, "default": default, "full": full}
 
-
-def get_config(name: str) -> Config:
-    if name not in CONFIGS:
-        raise ValueError(f"config must be one of {', '.join(CONFIGS)}; got {name!r}")
-    return CONFIGS[name]

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 from jax import lax
 
 from noisejax import _validate

@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 
 from noisejax import _validate, layers
 from noisejax import moments as _moments

@@ -70,7 +70,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from noisejax import _struct as struct
 from jax.scipy.special import log_ndtr, ndtr
 
 from noisejax import _validate

@@ -1,0 +1,170 @@
+"""Guards against known XLA backend miscompiles (private; called from ``noisejax/__init__.py``).
+
+jaxlib 0.10.2's XLA:CPU hands some fusions to YNNPACK (``__ynn_fusion``).  When one
+such fusion contains a *reduction* feeding a convolution or a dot whose other operand
+is a *scalar broadcast* (a constant kernel), it computes garbage under
+``jit(vmap(...))`` while the eager value is finite — e.g. (bare pattern)::
+
+    conv(jnp.full(kernel_shape, c), jnp.sum(F ** 2, -1))      # 2·10³³ instead of ~60
+    jnp.sum(F ** 2, -1) @ jnp.full((n, o), c)                  # NaN
+
+once the conv / dot is large enough for YNNPACK to take it (e.g. 16 input and 32
+output channels on a 14×14 map, or n ≥ 2000).  This is the weight-noise term of a
+moment rule, ``σ² · Σ_j E[y_j²]`` with ``E[y²] = m² + d + Σ_r F_r²``.  Optimization
+barriers around either operand do *not* prevent it; a real (non-broadcast) kernel,
+a broadcast of a per-output-channel vector, or writing the scalar case as a window
+sum (``lax.reduce_window``) / a plain sum does.  :mod:`noisejax.moments` uses the
+latter, so noisejax's own programs avoid the pattern whatever the flags; see
+:func:`noisejax.selfcheck` for a run-time check on any backend.
+
+:func:`apply_xla_guard` (run when ``noisejax`` is imported) appends
+``--xla_cpu_experimental_ynn_fusion_type=`` (empty: no YNNPACK fusion, which makes
+jit and eager agree) to ``XLA_FLAGS`` when
+
+* the installed jaxlib is in :data:`AFFECTED_JAXLIB` (``0.10.2 <= version < 0.12``:
+  verified on 0.10.2; 0.11.0 ships the same fusion — jax-ml/jax#39257), and
+* the user has not set that flag in ``XLA_FLAGS`` (an explicit setting always wins), and
+* ``NOISEJAX_XLA_GUARD`` is not ``0`` (the opt-out, e.g. to reproduce the bug), and
+* no JAX backend has been initialized yet: XLA reads ``XLA_FLAGS`` once, when the
+  first backend starts.  Import noisejax before running any JAX computation, or
+  set the flag yourself.  When it is too late on an affected CPU setup, a
+  :class:`RuntimeWarning` says so.
+
+Outside the affected range the flag is not set: XLA aborts the process on a flag it
+does not know, and the flag's name is experimental.  The same variable affects the
+processes noisejax's users start from Python (``os.environ`` is inherited).
+
+A new moment rule should avoid the pattern in its own programs too: never convolve or
+``dot`` a reduction (e.g. ``m² + d + Σ_r F_r²``) with a broadcast *scalar* (``jnp.full``,
+``broadcast_to(σ², W.shape)``); write a scalar (or per-output) variance as a plain sum
+(Dense: ``σ² · Σ_j E[y_j²]``) or a window sum (Conv: :func:`noisejax.moments.window_sum`),
+as ``moments._dense_weight_noise_term`` and ``moments._conv_weight_noise_term`` do.  The
+selfcheck's ``known-miscompiles`` check runs both bare patterns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+from typing import Mapping, MutableMapping, Optional
+
+__all__ = ["FLAG", "AFFECTED_JAXLIB", "OPT_OUT_ENV", "jaxlib_version", "is_affected", "apply_xla_guard", "guard_status"]
+
+#: the XLA flag and the value that avoids the miscompile (empty list: no YNNPACK fusion)
+FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_SETTING = FLAG + "="
+#: jaxlib versions ``[low, high)`` on which the guard applies the flag
+AFFECTED_JAXLIB = ((0, 10, 2), (0, 12, 0))
+#: ``NOISEJAX_XLA_GUARD=0`` disables the guard
+OPT_OUT_ENV = "NOISEJAX_XLA_GUARD"
+
+_STATUS: dict = {"status": "not-run", "detail": ""}
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        m = re.match(r"\d+", piece)
+        parts.append(int(m.group(0)) if m else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)
+
+
+def jaxlib_version() -> Optional[tuple[int, ...]]:
+    """Installed jaxlib version as ``(major, minor, patch)``, read without importing jax (None if absent)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return _parse_version(version("jaxlib"))
+    except PackageNotFoundError:
+        return None
+
+
+def is_affected(version: Optional[tuple[int, ...]] = None) -> bool:
+    """Whether ``version`` (default: the installed jaxlib) is in :data:`AFFECTED_JAXLIB`."""
+    v = jaxlib_version() if version is None else tuple(version)
+    if v is None:
+        return False
+    lo, hi = AFFECTED_JAXLIB
+    return lo <= v < hi
+
+
+def _user_set(flags: str) -> bool:
+    return re.search(re.escape(FLAG) + r"(=|\s|$)", flags) is not None
+
+
+def _backends_initialized() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is None:
+        return False
+    probe = getattr(bridge, "backends_are_initialized", None)
+    if probe is None:  # pragma: no cover - older jax
+        return bool(getattr(bridge, "_backends", {}))
+    return bool(probe())
+
+
+def _cpu_in_use() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", os.environ.get("JAX_PLATFORM_NAME", ""))
+    if platforms:
+        return "cpu" in platforms.lower().split(",")
+    try:
+        import jax
+
+        return jax.default_backend() == "cpu"
+    except Exception:  # pragma: no cover
+        return True
+
+
+def apply_xla_guard(environ: Optional[MutableMapping[str, str]] = None, *, warn: bool = True) -> str:
+    """Append the working XLA flag to ``XLA_FLAGS`` when needed; return what happened.
+
+    Returns one of ``"applied"`` (flag appended), ``"already-applied"``, ``"user-set"``
+    (``XLA_FLAGS`` names the flag: left alone), ``"not-affected"`` (jaxlib outside
+    :data:`AFFECTED_JAXLIB`), ``"disabled"`` (``NOISEJAX_XLA_GUARD=0``) or
+    ``"too-late"`` (a JAX backend is already running; the flag would be ignored, so
+    it is not set — a :class:`RuntimeWarning` is issued when the CPU backend is in use).
+    Idempotent; safe to call from any module before its first JAX computation.
+    """
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    if _STATUS["status"] == "applied" and _SETTING in flags.split():
+        return _record("already-applied", flags)
+    if env.get(OPT_OUT_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return _record("disabled", f"{OPT_OUT_ENV}={env.get(OPT_OUT_ENV)}")
+    if _user_set(flags):
+        return _record("user-set", flags)
+    if not is_affected():
+        return _record("not-affected", f"jaxlib {jaxlib_version()}")
+    if environ is None and _backends_initialized():
+        if warn and _cpu_in_use():
+            warnings.warn(
+                f"noisejax: jaxlib {'.'.join(map(str, jaxlib_version()))} can miscompile reductions feeding a "
+                f"constant-kernel conv/dot on CPU under jit(vmap); JAX was initialized before noisejax was imported, "
+                f"so the fix ({_SETTING!r} in XLA_FLAGS) cannot be applied. noisejax's own programs avoid the "
+                f"pattern; set XLA_FLAGS={_SETTING} before starting Python (or import noisejax first) for yours",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _record("too-late", "a JAX backend was initialized before noisejax was imported")
+    env["XLA_FLAGS"] = (flags + " " + _SETTING).strip()
+    return _record("applied", env["XLA_FLAGS"])
+
+
+def _record(status: str, detail: str) -> str:
+    _STATUS.update(status=status, detail=detail)
+    return status
+
+
+def guard_status() -> Mapping[str, str]:
+    """``{"status", "detail", "jaxlib", "xla_flags"}`` of the last :func:`apply_xla_guard` call."""
+    v = jaxlib_version()
+    return {
+        **_STATUS,
+        "jaxlib": "absent" if v is None else ".".join(map(str, v)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
