@@ -19,6 +19,7 @@ The core namespaces compute and write nothing to disk (imported on first use)::
     noisejax.denoise    ML / MMSE / compensated MMSE / learned weight denoisers
     noisejax.data       offline datasets and loaders for user-supplied MNIST / CIFAR-10
     noisejax.flax       noise injection into unmodified Flax (linen / NNX) models
+    noisejax.hardware   analog in-memory hardware: PCM drift, crossbar DAC/ADC, compensation
     noisejax.sweeps     accuracy-vs-WNR sweeps (resumable through a point store), dB gains
     noisejax.interpret  the two interpretations of a jaxpr (noisy, analytic, sites)
     noisejax.rules      the moment rule of every primitive
@@ -72,6 +73,7 @@ _SUBMODULES = (
     "rules",
     "gaussian",
     "quadrature",
+    "hardware",
     "selfcheck",
     "study",
     # deprecated aliases of noisejax.study.{models,files,files,reproduce,convert}

@@ -200,6 +200,7 @@ class Program:
 
     def __post_init__(self):
         self._site_by_var = {s.var: s for s in self.sites}
+        self.producer = {o: k for k, op in enumerate(self.ops) for o in op.outs}  # variable id -> flat op index
 
 
 def _source(eqn) -> tuple[str, tuple]:

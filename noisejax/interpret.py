@@ -22,6 +22,26 @@ output); ``"marked"`` — explicit :func:`noisejax.mark` points (how
 :mod:`noisejax.layers` marks its ``NeuronNoise`` sites); a sequence of these; or
 a predicate over :class:`Site` (kind, primitive, Flax module path, source line).
 
+**Product models** at matmul sites: instead of adding noise to a product's output, an
+object with ``sample_site`` and ``site_moments`` (e.g. :class:`noisejax.hardware.AnalogHardware`:
+DAC, output noise, ADC of an analog crossbar) *computes* the ``dot_general``/``conv``
+itself — its sampling rule replaces the op, its moment rule replaces the op's rule::
+
+    nz.sample_site(op, ins, *, key, batch_axes, gains, params) -> [output]
+    nz.site_moments(ctx, op, ins, *, gains) -> [output state]
+
+``op`` is the program's :class:`noisejax._jaxpr.Op` (primitive, params, shapes, source),
+``ins`` its operands (arrays; Gaussian states or arrays for the moments), ``params`` (and
+``ctx.params``) whether each operand is a parameter, ``ctx`` the
+:class:`noisejax.rules.Context` (apply other rules with :func:`noisejax.rules.apply_rule`).
+``gains`` holds, per operand, the digital output gain its weight model folded into it
+(``None``: none): a weight model may implement ``apply_with_gains(params, *, key) ->
+(params, gains)`` and ``weight_moments_with_gains(params) -> (mean, var, gains)`` (``gains``
+like ``params``, ``None`` per leaf without one) — a drift compensation multiplies the
+products of a crossbar after its ADC; folded into the weights it is right for every digital
+use of the leaf, and a product model moves it back behind its periphery.  An operand is
+matched to its parameter leaf through ``mark``/``convert_element_type``/``copy`` only.
+
 Keys: realization key ``k`` → neuron noise of site ``s`` uses
 ``fold_in(fold_in(k, 1), s.index)`` and then ``fold_in(·, e)`` for example ``e``
 (the flattened leading ``batch_axes`` axes of the site's array); weight leaf ``j``
@@ -78,6 +98,7 @@ __all__ = [
     "mark",
     "UnsupportedPrimitiveError",
     "weight_moments",
+    "is_product_model",
 ]
 
 Site = _jaxpr.Site
@@ -202,28 +223,45 @@ def _select_sites(program, selection) -> tuple:
     return chosen
 
 
+def is_product_model(nz: Any) -> bool:
+    """Whether ``nz`` is a product model (computes a matmul site's op itself; module doc)."""
+    return hasattr(nz, "sample_site") and hasattr(nz, "site_moments")
+
+
+def _check_product_site(s: Site, nz) -> None:
+    if is_product_model(nz) and s.kind != "matmul":
+        raise InvalidArgumentError(
+            f"{type(nz).__name__} computes products: it goes at matmul sites (sites='matmuls'), not at {s}"
+        )
+
+
 def _site_noise(chosen: Sequence[Site], neuron) -> dict:
-    """``{site: NeuronNoise}`` for the chosen sites from a NeuronNoise, a callable or a sequence."""
+    """``{site: noise}`` for the chosen sites from a NeuronNoise (or product model), a callable or a sequence."""
     if neuron is None:
         return {}
-    if isinstance(neuron, (NeuronNoise, LocalWeightNoise)):
-        return {s: neuron for s in chosen}
-    if isinstance(neuron, (list, tuple)):
+    one = (NeuronNoise, LocalWeightNoise)
+    if isinstance(neuron, one) or is_product_model(neuron):
+        out = {s: neuron for s in chosen}
+    elif isinstance(neuron, (list, tuple)):
         if len(neuron) != len(chosen):
             raise InvalidArgumentError(f"neuron has {len(neuron)} entries but {len(chosen)} site(s) are selected")
-        return {s: n for s, n in zip(chosen, neuron) if n is not None}
-    if callable(neuron):
+        out = {s: n for s, n in zip(chosen, neuron) if n is not None}
+    elif callable(neuron):
         out = {}
         for s in chosen:
             n = neuron(s)
-            if n is not None and not isinstance(n, (NeuronNoise, LocalWeightNoise)):
-                raise InvalidArgumentError(f"neuron({s}) returned {type(n).__name__}; expected a NeuronNoise or None")
+            if n is not None and not isinstance(n, one) and not is_product_model(n):
+                raise InvalidArgumentError(f"neuron({s}) returned {type(n).__name__}; expected a NeuronNoise, a product model or None")
             if n is not None:
                 out[s] = n
-        return out
-    raise InvalidArgumentError(
-        f"neuron must be a NeuronNoise, a sequence of them (one per selected site) or a function Site -> NeuronNoise, got {type(neuron).__name__}"
-    )
+    else:
+        raise InvalidArgumentError(
+            "neuron must be a NeuronNoise (or a product model such as hardware.AnalogHardware), a sequence of them "
+            f"(one per selected site) or a function Site -> NeuronNoise, got {type(neuron).__name__}"
+        )
+    for s, n in out.items():
+        _check_product_site(s, n)
+    return out
 
 
 def _check_key(key) -> None:
@@ -293,12 +331,77 @@ def weight_moments(weight, params: PyTree) -> tuple[PyTree, PyTree]:
     return jax.tree_util.tree_unflatten(tdef, means), jax.tree_util.tree_unflatten(tdef, variances)
 
 
+def _moments_and_gains(weight, params: PyTree) -> tuple:
+    """``(mean, variance, gains)`` of a weight model (``gains`` None when it reports none)."""
+    if hasattr(weight, "weight_moments_with_gains"):
+        return weight.weight_moments_with_gains(params)
+    mean, var = weight_moments(weight, params)
+    return mean, var, None
+
+
+def _per_leaf(params: PyTree, tree: Any) -> list:
+    """``tree`` (like ``params``, ``None`` allowed per leaf; ``None`` for all) as one entry per leaf of ``params``."""
+    treedef = jax.tree_util.tree_structure(params)
+    return [None] * treedef.num_leaves if tree is None else treedef.flatten_up_to(tree)
+
+
+def _offsets(args) -> list:
+    """Flat index of the first leaf of every positional argument."""
+    out, pos = [], 0
+    for a in args:
+        out.append(pos)
+        pos += len(jax.tree_util.tree_leaves(a))
+    return out
+
+
 def _perturb(args, nums, weight, key):
+    """The perturbed arguments, and ``{flat input index: gain}`` of the weight model (module doc)."""
     args = list(args)
+    offsets = _offsets(args)
+    gains = {}
     for j, p in enumerate(nums):
         k = jax.random.fold_in(jax.random.fold_in(key, _WEIGHT_TAG), j)
-        args[p] = weight.apply(args[p], key=k)
-    return tuple(args)
+        if hasattr(weight, "apply_with_gains"):
+            new, g = weight.apply_with_gains(args[p], key=k)
+            for i, gi in enumerate(_per_leaf(args[p], g)):
+                if gi is not None:
+                    gains[offsets[p] + i] = gi
+            args[p] = new
+        else:
+            args[p] = weight.apply(args[p], key=k)
+    return tuple(args), gains
+
+
+_VIEWS = ("noisejax_site", "convert_element_type", "copy", "copy_p")
+
+
+def _param_source(program, ref) -> Optional[int]:
+    """The flat input an operand is a view of (through marks, dtype casts, copies), or None."""
+    if not ref.is_var:
+        return None
+    producer = program.producer
+    v = ref.var
+    while v >= program.n_in:
+        k = producer.get(v)
+        if k is None or program.ops[k].prim.name not in _VIEWS or not program.ops[k].ins[0].is_var:
+            return None
+        v = program.ops[k].ins[0].var
+    return v
+
+
+def _param_flags(program, op) -> tuple:
+    """Per operand: a parameter (or constant) value, marked or cast parameters included."""
+    return tuple(r.is_var and (r.var in program.param_only or _param_source(program, r) in program.param_only) for r in op.ins)
+
+
+def _operand_gains(program, op, gains: dict) -> tuple:
+    if not gains:
+        return (None,) * len(op.ins)
+    return tuple(gains.get(_param_source(program, r)) for r in op.ins)
+
+
+def _site_op(program, s: Site):
+    return program.ops[program.producer[s.var]]
 
 
 # ----------------------------------------------------------------------------------
@@ -342,13 +445,20 @@ def _eval_sampling(jaxpr, consts, args, path, plan):
     for i, eqn in enumerate(jaxpr.eqns):
         p = path + (i,)
         invals = [read(v) for v in eqn.invars]
+        site = plan["sites"].get(p)
         if p in plan["prefixes"]:
             sub = _jaxpr._sub_jaxpr(eqn)
             outvals = _eval_sampling(sub[0], sub[1], invals, p, plan)
+        elif site is not None and is_product_model(site[1]):  # the product model computes the op
+            s, nz = site
+            op = plan["ops"][p]
+            k = jax.random.fold_in(plan["key"], s.index)
+            outvals = nz.sample_site(op, invals, key=k, batch_axes=plan["batch_axes"], gains=plan["gains"][p],
+                                     params=plan["params"][p])
+            site = None
         else:
             outvals = _bind_eqn(eqn, invals)
         outvals = list(outvals)
-        site = plan["sites"].get(p)
         if site is not None:
             s, nz = site
             k = jax.random.fold_in(plan["key"], s.index)
@@ -377,10 +487,14 @@ def noisy(
         ``lambda state, x: nnx.merge(graphdef, state)(x)``, an Equinox call, ``jnp`` code).
       neuron: neuron noise at the selected sites: a :class:`~noisejax.noise.NeuronNoise`
         (every site), a sequence with one entry (or ``None``) per selected site, or a
-        function ``Site -> NeuronNoise | None``.  ``None``: no neuron noise.
+        function ``Site -> NeuronNoise | None``.  ``None``: no neuron noise.  At matmul
+        sites it may also be a product model (module doc), e.g.
+        :class:`noisejax.hardware.AnalogHardware` (an analog crossbar's periphery).
       weight: a perturbation of the parameters ``args[params_argnums]``:
         :class:`~noisejax.noise.AdditiveWeightNoise` (WNR in dB),
-        :class:`~noisejax.noise.MultiplicativeWeightNoise`, :class:`~noisejax.noise.Quantization`;
+        :class:`~noisejax.noise.MultiplicativeWeightNoise`, :class:`~noisejax.noise.Quantization`,
+        or any object with ``apply(params, *, key)`` and ``weight_moments(params)`` (e.g.
+        :class:`noisejax.hardware.PCMWeights`: PCM devices read at a time ``t``);
         its leaf filter chooses the leaves (normalization parameters and statistics
         excluded by default).  Drawn once per realization, shared by all examples.
       sites: ``"activations"``, ``"matmuls"``, ``"marked"``, ``"all"``, a sequence of them,
@@ -414,25 +528,33 @@ def noisy(
     def noisy_fn(key, *args):
         _check_key(key)
         nums = _argnums(params_argnums, len(args))
+        gains = {}
         if weight is not None:
             if not nums:
                 raise InvalidArgumentError("weight= needs params_argnums: which argument holds the parameters")
-            args = _perturb(args, nums, weight, key)
+            args, gains = _perturb(args, nums, weight, key)
         if neuron is None and taps is None:
             return fn(*args)
         traced = _trace(fn, args, params_argnums, cache)
-        chosen = _select_sites(traced.program, sites) if neuron is not None else ()
-        tapped = _select_sites(traced.program, taps) if taps is not None else ()
+        program = traced.program
+        chosen = _select_sites(program, sites) if neuron is not None else ()
+        tapped = _select_sites(program, taps) if taps is not None else ()
         per_site = _site_noise(chosen, neuron)
-        plan_sites, prefixes = {}, set()
+        plan_sites, prefixes, ops, op_gains, op_params = {}, set(), {}, {}, {}
         for s, nz in per_site.items():
-            if isinstance(nz, NeuronNoise) and not nz.is_zero:
-                plan_sites[s.path] = (s, nz)
-                prefixes.update(s.path[:k] for k in range(1, len(s.path)))
+            if is_product_model(nz):
+                op = _site_op(program, s)
+                ops[s.path], op_gains[s.path] = op, _operand_gains(program, op, gains)
+                op_params[s.path] = _param_flags(program, op)
+            elif not (isinstance(nz, NeuronNoise) and not nz.is_zero):
+                continue
+            plan_sites[s.path] = (s, nz)
+            prefixes.update(s.path[:k] for k in range(1, len(s.path)))
         for s in tapped:
             prefixes.update(s.path[:k] for k in range(1, len(s.path)))
         plan = {"sites": plan_sites, "prefixes": prefixes, "key": jax.random.fold_in(key, _NEURON_TAG), "batch_axes": batch_axes,
-                "taps": {s.path: j for j, s in enumerate(tapped)}, "tapped": {}}
+                "taps": {s.path: j for j, s in enumerate(tapped)}, "tapped": {}, "ops": ops, "gains": op_gains,
+                "params": op_params}
         flat = jax.tree_util.tree_leaves(args)
         out = _eval_sampling(traced.closed.jaxpr, traced.closed.consts, flat, (), plan)
         out = jax.tree_util.tree_unflatten(traced.out_tree, out)
@@ -605,9 +727,12 @@ def _softmax_shifts(program) -> set:
     return found
 
 
-def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch_axes: int, taps: Sequence[Site] = ()) -> list:
+def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch_axes: int, taps: Sequence[Site] = (),
+               gains: Optional[dict] = None) -> list:
     """Run the moment interpretation; ``inputs`` are arrays or Gaussian states per flat input.
 
+    ``site_noise`` maps sites to their noise (product models compute their op); ``gains``
+    maps flat input indices to the output gains of their weight model (module doc).
     Returns the program's outputs, followed by the values at the ``taps`` sites."""
     env: dict = {}
     tap_vars = {s.var: j for j, s in enumerate(taps)}
@@ -615,7 +740,8 @@ def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch
     last = program.last_use
     for i, v in enumerate(inputs):
         env[i] = v
-    by_var = {s.var: (s, nz) for s, nz in site_noise.items()}
+    by_var = {s.var: (s, nz) for s, nz in site_noise.items() if not is_product_model(nz)}
+    products = {program.producer[s.var]: nz for s, nz in site_noise.items() if is_product_model(nz)}
     shifts = _softmax_shifts(program)
     done = set()
     n_ops = len(program.ops)
@@ -662,7 +788,11 @@ def _interpret(program, inputs: list, site_noise: dict, *, ctx: R.Context, batch
         ctx.live = live_sids(k)
         ctx.params = tuple(r.is_var and r.var in program.param_only for r in op.ins)
         ctx.noise_free_stop_gradient = k in shifts
-        outs = R.apply_rule(ctx, op, ins)
+        if k in products:
+            ctx.params = _param_flags(program, op)
+            outs = products[k].site_moments(ctx, op, ins, gains=_operand_gains(program, op, gains or {}))
+        else:
+            outs = R.apply_rule(ctx, op, ins)
         for v, val in zip(op.outs, outs):
             store(v, val, k)
         _drop_dead(env, last, k, program.out_vars)
@@ -676,32 +806,34 @@ def _drop_dead(env, last, k, keep):
         del env[v]
 
 
+def _weight_states(weight, params: PyTree) -> tuple[list, list]:
+    """Per leaf of ``params``: its state under ``weight`` (an array, or a Gaussian with independent
+    entries) and the weight model's output gain (``None``: none)."""
+    mean_t, var_t, gain_t = _moments_and_gains(weight, params)
+    states = []
+    for m, v in zip(_per_leaf(params, mean_t), _per_leaf(params, var_t)):
+        if v is None:
+            states.append(m)
+        else:
+            scale = G._safe_sqrt(jnp.broadcast_to(jnp.asarray(v, m.dtype), m.shape))
+            states.append(G.Gaussian(m, (G.Diag(G.fresh(), scale),)))
+    return states, _per_leaf(params, gain_t)
+
+
 def _weight_inputs(traced, flat_args, weight, nums, args):
-    """Flat inputs with the perturbed parameter leaves as Gaussian states."""
+    """Flat inputs with the perturbed parameter leaves as Gaussian states, and ``{flat index: gain}``."""
     inputs = list(flat_args)
+    gains = {}
     if weight is None:
-        return inputs
-    # per params argument: (mean tree, var tree) -> per flat leaf
-    per_arg = {}
+        return inputs, gains
+    offsets = _offsets(args)
     for p in nums:
-        mean_t, var_t = weight_moments(weight, args[p])
-        mean_l = jax.tree_util.tree_leaves(mean_t)
-        var_l = jax.tree_util.tree_structure(args[p]).flatten_up_to(var_t)
-        per_arg[p] = (mean_l, var_l)
-    pos = 0
-    for i, a in enumerate(args):
-        n = len(jax.tree_util.tree_leaves(a))
-        if i in per_arg:
-            mean_l, var_l = per_arg[i]
-            for j in range(n):
-                m, v = mean_l[j], var_l[j]
-                if v is None:
-                    inputs[pos + j] = m
-                else:
-                    scale = G._safe_sqrt(jnp.broadcast_to(jnp.asarray(v, m.dtype), m.shape))
-                    inputs[pos + j] = G.Gaussian(m, (G.Diag(G.fresh(), scale),))
-        pos += n
-    return inputs
+        states, gain_l = _weight_states(weight, args[p])
+        for j, (st, g) in enumerate(zip(states, gain_l)):
+            inputs[offsets[p] + j] = st
+            if g is not None:
+                gains[offsets[p] + j] = g
+    return inputs, gains
 
 
 def _check_outputs(program, out_tree) -> None:
@@ -829,9 +961,9 @@ def _build(traced, per_site, weight, nums, batch_axes, data_pos, method, covaria
     def one(args, site_leaves):
         ctx = R.Context(mode="lowrank" if covariance == "lowrank" else "factored", method=method, quad_nodes=quad_nodes, unknown=unknown)
         flat = jax.tree_util.tree_leaves(args)
-        inputs = _weight_inputs(traced, flat, weight, nums, args)
+        inputs, gains = _weight_inputs(traced, flat, weight, nums, args)
         site_noise = dict(zip(order, site_leaves))
-        outs = _interpret(traced.program, inputs, site_noise, ctx=ctx, batch_axes=batch_axes, taps=tapped or ())
+        outs = _interpret(traced.program, inputs, site_noise, ctx=ctx, batch_axes=batch_axes, taps=tapped or (), gains=gains)
         means = [G.as_gaussian(o).mean for o in outs]
         vars_ = [G.variance(o) for o in outs]
         mean = jax.tree_util.tree_unflatten(traced.out_tree, means[:n_out])

@@ -502,12 +502,15 @@ def mlp(
     *,
     noisy: bool = True,
     use_bias: bool = True,
+    dense: Callable[..., Layer] = Dense,
 ) -> Layer:
     """The paper's MLP: ``widths = [fan_in, h1, ..., out]``.
 
     Each top-level child is one paper layer ``serial(Dense, f, NoiseSite)``, so
     ``apply(..., return_layers=True)`` returns one output per layer.  The last layer
     uses ``activation_out`` when given.  ``noisy=False`` drops the noise sites.
+    ``dense`` builds the affine layers (``dense(width, use_bias=...)``), e.g.
+    :func:`noisejax.hardware.AnalogDense` for crossbars.
     """
     widths = [int(w) for w in widths]
     if len(widths) < 2 or any(w < 1 for w in widths):
@@ -516,7 +519,7 @@ def mlp(
     n = len(widths) - 1
     for i, w in enumerate(widths[1:]):
         act = activation_out if (i == n - 1 and activation_out is not None) else activation_name
-        parts = [Dense(w, use_bias=use_bias), _as_activation(act)]
+        parts = [dense(w, use_bias=use_bias), _as_activation(act)]
         if noisy:
             parts.append(NoiseSite())
         blocks.append(serial(*parts))
@@ -530,11 +533,12 @@ def from_weights(
     activation_out: Union[str, Layer, None] = None,
     *,
     noisy: bool = True,
+    dense: Callable[..., Layer] = Dense,
 ) -> tuple[Layer, tuple]:
     """Network and params from given matrices ``W_l (fan_in, fan_out)`` and biases.
 
     Checks that consecutive shapes chain; returns ``(net, params)`` ready for
-    ``net.apply``.
+    ``net.apply``.  ``dense`` builds the affine layers (as for :func:`mlp`).
     """
     if len(weights) == 0:
         raise InvalidArgumentError("weights is empty; expected at least one matrix W0")
@@ -555,7 +559,7 @@ def from_weights(
     n = len(weights)
     for l, (W, b) in enumerate(zip(weights, biases)):
         act = activation_out if (l == n - 1 and activation_out is not None) else activation_name
-        parts = [Dense(widths[l + 1], use_bias=b is not None), _as_activation(act)]
+        parts = [dense(widths[l + 1], use_bias=b is not None), _as_activation(act)]
         dense_p = {"W": jax.device_put(W)}  # device_put: no per-shape conversion program to compile
         if b is not None:
             dense_p["b"] = jax.device_put(b)

@@ -318,6 +318,16 @@ def _program(net, params, x_shape, dtype):
     return _interp._trace(fn, (params, x_struct), 0, per_net)
 
 
+def _consuming_products(program, mark_site) -> list:
+    """The matmul sites whose op takes the marked value directly (an analog layer's crossbar)."""
+    out = []
+    for k in program.consumers.get(mark_site.var, ()):
+        site = program.site_at(program.ops[k].outs[0])
+        if site is not None and site.kind == "matmul":
+            out.append(site)
+    return out
+
+
 def _layer_sites(program) -> list:
     """The network's noise sites in order, each as the tuple of its marks (one NeuronNoise mark,
     or a WeightNoiseDense's weight and bias marks)."""
@@ -344,6 +354,7 @@ def propagate(
     covariance: str = "factored",
     weight_noise_var: Optional[Array] = None,
     quad_nodes: int = _DEFAULT_QUAD,
+    weight: Any = None,
 ) -> tuple[LayerMoments, ...]:
     """Core of :func:`predict` for ONE example, no validation and no jit (compose it freely).
 
@@ -351,13 +362,14 @@ def propagate(
     layer for :func:`noisejax.layers.mlp`).  ``x`` is the input (noise-free) or the
     moments of a noisy input.  ``weight_noise_var`` here is a scalar for every
     parameter leaf; per-leaf variances go in ``params`` via :func:`with_weight_noise`.
+    ``weight``: a weight model instead (see :func:`predict`).
     """
     outs = _states(net, params, x, noise=noise, method=method, covariance=covariance,
-                   weight_noise_var=weight_noise_var, quad_nodes=quad_nodes)
+                   weight_noise_var=weight_noise_var, quad_nodes=quad_nodes, weight=weight)
     return tuple(_to_layer_moments(o, covariance) for o in outs)
 
 
-def _states(net, params, x, *, noise, method, covariance, weight_noise_var, quad_nodes) -> list:
+def _states(net, params, x, *, noise, method, covariance, weight_noise_var, quad_nodes, weight=None) -> list:
     """The interpreter's state of every top-level child's output (see :func:`propagate`)."""
     values, variances = _split_noisy_params(params, weight_noise_var)
     state = x if isinstance(x, LayerMoments) else None
@@ -376,15 +388,21 @@ def _states(net, params, x, *, noise, method, covariance, weight_noise_var, quad
                 per_site[s] = nz
             elif s.primitive in ("local_weight", "local_bias") and isinstance(nz, LocalWeightNoise):
                 per_site[s] = nz
+            elif _interp.is_product_model(nz):  # e.g. hardware.AnalogDense: the product taking the marked weights
+                per_site.update({p: nz for p in _consuming_products(program, s)})
     mode = "lowrank" if covariance == "lowrank" else "factored"
     ctx = _rules.Context(mode=mode, method=method, quad_nodes=int(quad_nodes))
     inputs = list(jax.tree_util.tree_leaves(values))
+    gains = {}
+    if weight is not None:
+        inputs, gain_l = _interp._weight_states(weight, values)
+        gains = {j: g for j, g in enumerate(gain_l) if g is not None}
     for j, (leaf, v) in enumerate(zip(inputs, variances)):
         if v is not None:
             scale = G._safe_sqrt(jnp.broadcast_to(jnp.asarray(v, leaf.dtype), jnp.shape(leaf)))
             inputs[j] = G.Gaussian(leaf, (G.Diag(G.fresh(), scale),))
     inputs.append(_to_gaussian(state) if state is not None else xm)
-    return _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0)
+    return _interp._interpret(program, inputs, per_site, ctx=ctx, batch_axes=0, gains=gains)
 
 
 def _first_linear(spec: Any, params: Any) -> tuple[bool, Optional[int], Optional[int]]:
@@ -419,18 +437,19 @@ def _compiled(net, *, method, covariance, quad_nodes, batched, keep_covariance):
     key = (method, covariance, quad_nodes, batched, keep_covariance)
     if key not in per_net:
 
-        def one(params, x, noise, w_var):
-            kw = dict(noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes)
+        def one(params, x, noise, w_var, weight):
+            kw = dict(noise=noise, method=method, covariance=covariance, weight_noise_var=w_var, quad_nodes=quad_nodes,
+                      weight=weight)
             if keep_covariance:
                 return propagate(net, params, x, **kw)
             # mean and variance only: straight from the states (lazy blocks are never multiplied out)
             return tuple(LayerMoments(G.as_gaussian(o).mean, G.variance(o), None, None, "lowrank")
                          for o in _states(net, params, x, **kw))
 
-        def run(params, x, noise, w_var):
+        def run(params, x, noise, w_var, weight):
             if batched:
-                return jax.vmap(one, in_axes=(None, 0, None, None))(params, x, noise, w_var)
-            return one(params, x, noise, w_var)
+                return jax.vmap(one, in_axes=(None, 0, None, None, None))(params, x, noise, w_var, weight)
+            return one(params, x, noise, w_var, weight)
 
         per_net[key] = jax.jit(run)
     return per_net[key]
@@ -438,12 +457,15 @@ def _compiled(net, *, method, covariance, quad_nodes, batched, keep_covariance):
 
 def _check_noise(noise) -> None:
     kinds = (NeuronNoise, LocalWeightNoise)
-    if noise is None or isinstance(noise, kinds):
-        return
-    if isinstance(noise, (list, tuple)) and all(n is None or isinstance(n, kinds) for n in noise):
+
+    def ok(n):
+        return n is None or isinstance(n, kinds) or _interp.is_product_model(n)
+
+    if ok(noise) or (isinstance(noise, (list, tuple)) and all(ok(n) for n in noise)):
         return
     raise InvalidArgumentError(
-        f"noise must be None, a NeuronNoise / LocalWeightNoise or a sequence of them (one per site), got {type(noise).__name__}"
+        "noise must be None, a NeuronNoise / LocalWeightNoise / product model (e.g. hardware.AnalogHardware) or a "
+        f"sequence of them (one per site), got {type(noise).__name__}"
     )
 
 
@@ -459,6 +481,7 @@ def predict(
     quad_nodes: int = _DEFAULT_QUAD,
     batched: Optional[bool] = None,
     keep_covariance: bool = False,
+    weight: Any = None,
 ) -> tuple[LayerMoments, ...]:
     """Analytic per-layer mean and noise variance of ``net`` for one input or a batch.
 
@@ -469,7 +492,10 @@ def predict(
       x: one example ``(*in_shape)`` or a batch ``(B, *in_shape)`` (inferred from
         the first Dense/Conv layer; pass ``batched`` otherwise).
       noise: a :class:`~noisejax.noise.NeuronNoise` for every site, or a sequence
-        with one entry (or ``None``) per site — as for ``net.apply``.
+        with one entry (or ``None``) per site — as for ``net.apply``.  A product model
+        (:func:`noisejax.interpret.is_product_model`, e.g. :class:`noisejax.hardware.AnalogHardware`)
+        computes the product that takes a layer's marked weights
+        (:func:`noisejax.hardware.AnalogDense`).
       method: ``"gaussian"`` (moment matching) or ``"linearized"`` (first order).
       covariance: ``"factored"`` (exact in the linear regime), ``"lowrank"``
         (cheap, one rank per correlated source) or ``"full"``.
@@ -481,6 +507,9 @@ def predict(
       keep_covariance: also return each layer's covariance structure (``factors``
         or ``cov``, per example); by default only ``mean`` and ``var``
         (``diag = var``), which is all a batch needs and much smaller.
+      weight: a weight model instead of ``weight_noise_var`` — any object with
+        ``weight_moments(params)`` (:func:`noisejax.interpret.weight_moments`), e.g.
+        :class:`noisejax.hardware.PCMWeights` (PCM devices read at a time ``t``).
 
     Returns:
       A tuple with one :class:`LayerMoments` per top-level child of ``net``;
@@ -525,6 +554,10 @@ def predict(
         )
     if isinstance(noise, (list, tuple)) and len(noise) != net.n_sites:
         raise InvalidArgumentError(f"noise has {len(noise)} entries; this network has {net.n_sites} noise sites")
+    if weight is not None:
+        _interp._check_weight(weight)
+        if weight_noise_var is not None:
+            raise InvalidArgumentError("pass weight_noise_var or weight (a weight model), not both")
     w_scalar = None
     if weight_noise_var is not None:
         if isinstance(weight_noise_var, (int, float)) or (hasattr(weight_noise_var, "ndim") and weight_noise_var.ndim == 0):
@@ -537,7 +570,7 @@ def predict(
     fn = _compiled(
         net, method=method, covariance=covariance, quad_nodes=quad_nodes, batched=bool(batched), keep_covariance=keep_covariance
     )
-    return fn(params, x, noise, w_scalar)
+    return fn(params, x, noise, w_scalar, weight)
 
 
 def output_variance(net, params: PyTree, x: Array, *, noise=None, method: str = "gaussian", **kwargs) -> Array:

@@ -721,6 +721,12 @@ def _lazy_linear(ctx, op, x: Gaussian, lin: Callable[[Array], Array], lin_sq: Ca
     return G.Gaussian(mean, G.merge(blocks, mean.shape))
 
 
+def patch_precision(precision):
+    """The input's precision of a convolution for :func:`lax.conv_general_dilated_patches` (which takes one;
+    under ``jax.default_matmul_precision`` the op carries a pair)."""
+    return precision[0] if isinstance(precision, (tuple, list)) else precision
+
+
 def _conv_weight(ctx, op, x, w, var_w) -> Gaussian:
     """Convolution with a kernel whose entries carry independent private noise (module doc)."""
     p = op.params
@@ -742,7 +748,7 @@ def _conv_weight(ctx, op, x, w, var_w) -> Gaussian:
         lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
         spatial = tuple(w.mean.shape[d] for d in rhs_spec[2:])
         patches = lax.conv_general_dilated_patches(
-            xm, spatial, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn, p.get("precision")
+            xm, spatial, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn, patch_precision(p.get("precision"))
         )
         perm = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
         P = jnp.transpose(patches, perm)

@@ -221,13 +221,17 @@ def _check_net(net) -> None:
 
 
 def _check_noise(noise) -> layers.NoiseArg:
+    from noisejax.hardware import AnalogHardware  # the site noise of hardware.AnalogDense layers
     from noisejax.noise import NeuronNoise
 
-    if noise is None or isinstance(noise, NeuronNoise):
+    kinds = (NeuronNoise, AnalogHardware)
+    if noise is None or isinstance(noise, kinds):
         return noise
-    if isinstance(noise, (list, tuple)) and all(n is None or isinstance(n, NeuronNoise) for n in noise):
+    if isinstance(noise, (list, tuple)) and all(n is None or isinstance(n, kinds) for n in noise):
         return tuple(noise)
-    raise InvalidArgumentError(f"noise must be None, a NeuronNoise or a sequence of them (one per site), got {type(noise).__name__}")
+    raise InvalidArgumentError(
+        f"noise must be None, a NeuronNoise / AnalogHardware or a sequence of them (one per site), got {type(noise).__name__}"
+    )
 
 
 def plain_loss(net: layers.Layer, *, loss: Union[str, Callable] = "softmax_cross_entropy") -> PlainLoss:

@@ -125,3 +125,24 @@ def test_connection_matrix_uncorrelated_layer_identity(report):
     for row in res["layers"]:
         # averaging over fan_out neurons with independent draws: relative sd ≈ sqrt(2/(n-1)) (worst case, correlated)
         assert math.isclose(row["uncorrelated_normalized"], row["mean_W2"], rel_tol=5 * math.sqrt(2 / (n - 1)))
+
+
+def test_pcm_drift_curves_gains_and_resnet(report):
+    """pcm_drift (issue 16): every (model, compensation) curve over all times, analytic next to MC, gains, the ResNet."""
+    _, summary = report
+    res = summary["experiments"]["pcm_drift"]["result"]
+    n_t = len(res["times"])
+    assert res["time_labels"][0] == "1 s" and res["time_labels"][-1] == "10 years"
+    curves = {"plain/readout", "hwa/readout", "plain/exact", "hwa/exact", "plain/none"}
+    assert set(res["mc"]) == curves and set(res["analytic"]) == curves - {"plain/none"}
+    for v in res["mc"].values():
+        assert len(v["mean"]) == n_t and all(0.0 <= a <= 1.0 for a in v["mean"]) and all(s >= 0 for s in v["std"])
+    for v in res["analytic"].values():
+        assert len(v) == n_t and all(0.0 <= a <= 1.0 for a in v)
+    lv = res["layer_variances"]
+    for an in lv["analytic_mean_var"]:
+        assert an[-1] > an[0] > 0  # drift and read noise spread the weights over time
+    # a decade of drift needs gains > 1 in every layer, with either readout
+    assert all(g[-1] > 1.0 for g in res["gains"]["exact_mean"]) and all(g[-1] > 1.0 for g in res["gains"]["readout_mean"])
+    assert set(res["resnet"]["mc"]) == curves
+    assert len(res["claims"]) == 6

@@ -109,6 +109,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "mitigation",
     "noisy_inference",
     "noisy_federated",
+    "pcm_drift",
 )
 #: Wall seconds of each experiment's ``default`` config on the 2-core CPU (a measured run): the
 #: weights of the overall progress and ETA.  An experiment missing here counts as the median;
@@ -121,6 +122,7 @@ _EXPECTED_SECONDS: dict[str, float] = {
     "mitigation": 48.0,
     "noisy_inference": 255.0,
     "noisy_federated": 121.0,
+    "pcm_drift": 246.0,
 }
 CONFIG_NAMES: tuple[str, ...] = ("tiny", "default", "full")
 CONFIG_ENV = "NOISEJAX_REPRODUCE_CONFIG"
