@@ -85,8 +85,6 @@ from noisejax.noise import (
     NeuronNoise,
     Quantization,
     apply_neuron_noise,
-    default_leaf_filter,
-    noise_power,
 )
 
 __all__ = [

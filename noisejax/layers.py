@@ -119,7 +119,8 @@ class _Spec:
 class DenseSpec(_Spec):
     """A fully connected layer, :func:`Dense`: ``out_dim`` outputs.
 
-    ``weight_noise="local"`` for :func:`WeightNoiseDense` (its weights are a noise site).
+    ``weight_noise="local"`` for :func:`WeightNoiseDense` (its weights are a noise site),
+    ``"analog"`` for :func:`noisejax.hardware.AnalogDense` (a crossbar: its product is one).
     """
 
     out_dim: int

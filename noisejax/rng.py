@@ -37,7 +37,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.extend.random import define_prng_impl
 
 __all__ = ["IMPL", "key", "IMPLS", "make_key", "normal"]

@@ -55,7 +55,7 @@ from jax import lax
 
 from noisejax import gaussian as G
 from noisejax import quadrature as Q
-from noisejax._jaxpr import _PARTIAL, mark_p
+from noisejax._jaxpr import _PARTIAL
 from noisejax.errors import InvalidArgumentError
 
 __all__ = ["UnsupportedPrimitiveError", "Context", "RULES", "activation_state", "apply_rule"]
@@ -693,7 +693,7 @@ def _conv_channel(op, b: "G.Channel", w: Array) -> "G.Dense":
     of_s = of + 1 if of > ob else of
     out = out.reshape(out.shape[:of_s] + (n_ch, n_out) + out.shape[of_s + 1 :])  # split C*O
     # axes now: ... r at ob, N at ob+1, ..., C at of_s, O at of_s+1, ...; target (*out_shape, C, r)
-    c_axis, o_axis = of_s, of_s + 1
+    c_axis = of_s
     r_axis = ob
     rest = [a for a in range(out.ndim) if a not in (r_axis, c_axis)]
     out = jnp.transpose(out, tuple(rest) + (c_axis, r_axis))
@@ -745,7 +745,7 @@ def _conv_weight(ctx, op, x, w, var_w) -> Gaussian:
         diag_var = extra if diag_var is None else diag_var + extra
     else:
         dn = p["dimension_numbers"]
-        lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+        rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
         spatial = tuple(w.mean.shape[d] for d in rhs_spec[2:])
         patches = lax.conv_general_dilated_patches(
             xm, spatial, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"], dn, patch_precision(p.get("precision"))
@@ -861,7 +861,7 @@ def _elementwise_nonlinear(ctx, op, ins):
         return _bind(op, args)[0]
 
     name = op.prim.name
-    kind, shift = _CLOSED.get(name), 0.0
+    kind = _CLOSED.get(name)
     if name == "integer_pow" and op.params.get("y") == 2:
         kind = "square"
     if name in ("max", "min"):

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import optax
 
-from noisejax import data, layers, mitigate, noise, rng, train
+from noisejax import data, layers, mitigate, rng, train
 from noisejax.study.claims import Claim, Result, claim
 
 from .. import _common

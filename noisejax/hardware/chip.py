@@ -432,7 +432,7 @@ def _view(op, w_pos: int, x_ndim: int, w_ndim: int, w_shape) -> _View:
                 "(grouped convolutions are not supported)"
             )
         dn = p["dimension_numbers"]
-        lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+        rhs_spec, out_spec = dn.rhs_spec, dn.out_spec
         window = tuple(w_shape[d] for d in rhs_spec[2:])
         o_dim = rhs_spec[0]
         w_perm = tuple(d for d in range(w_ndim) if d != o_dim) + (o_dim,)
@@ -446,7 +446,6 @@ def _view(op, w_pos: int, x_ndim: int, w_ndim: int, w_shape) -> _View:
         out_perm = tuple(np.argsort(x_perm))
         conv = {"window": window, "strides": p["window_strides"], "padding": p["padding"], "lhs_dilation": p["lhs_dilation"],
                 "rhs_dilation": p["rhs_dilation"], "dn": dn, "precision": R.patch_precision(p.get("precision"))}
-        del lhs_spec
         return _View("conv", x_perm, w_perm, tuple(w_shape), out_perm, tuple(w_perm) != tuple(range(w_ndim)), conv,
                      feature_order)
     raise InvalidArgumentError(f"AnalogHardware computes dot_general and conv_general_dilated sites, not {name} at {op.source}")

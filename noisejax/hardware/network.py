@@ -53,7 +53,7 @@ from noisejax import _validate, layers
 from noisejax import moments as _moments
 from noisejax._jaxpr import mark as _mark
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
-from noisejax.hardware.chip import COMPENSATIONS, AnalogHardware
+from noisejax.hardware.chip import AnalogHardware
 from noisejax.hardware.compensation import compensation_readout
 from noisejax.hardware.pcm import PCMState
 from noisejax.hardware.tiles import TileGrid, TileShape
@@ -262,8 +262,7 @@ def AnalogDense(out_dim: int, *, use_bias: bool = True) -> layers.Layer:
             y = y + params["b"]
         return y
 
-    spec = {"kind": "dense", "out_dim": out_dim, "analog": True}
-    return layers.Layer(dense.init, apply, 1, spec)
+    return layers.Layer(dense.init, apply, 1, layers.DenseSpec(out_dim, weight_noise="analog"))
 
 
 def drift_moments(net: layers.Layer, params: PyTree, x: Array, t: Array, *, hardware: AnalogHardware,

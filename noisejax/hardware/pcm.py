@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
