@@ -98,10 +98,21 @@ class Run:
         return value
 
     def point(self, name: str, compute: Callable[[], Any], *, key: Any) -> Any:
-        """A finished point of ``out_dir/points`` (:func:`noisejax.study.files.cached_point`), or computed and stored."""
+        """A finished point of ``out_dir/points`` (:func:`noisejax.study.files.cached_point`), or computed and stored.
+
+        The point's key is ``key`` plus a digest of the experiment's sources (its folder and this
+        file); the library's digest is added by ``cached_point``.
+        """
+        # the experiment's own sources are part of the key (the library's are already): a changed
+        # measurement recomputes its points instead of reusing stale ones
+        key = {"point": key, "experiment_sources": self._sources()}
         value, reused = files.cached_point(self.out / "points", name, compute, key=key)
         self.reused += int(reused)
         return value
+
+    def _sources(self) -> str:
+        here = Path(__file__).resolve().parent
+        return files.sha256((files.sources_digest(here / self.name) + files.file_sha256(here / "_common.py")).encode())[:16]
 
     def figure(self, filename: str, fig: Any, **savefig_kwargs: Any) -> str:
         """Write a Matplotlib figure atomically as ``out_dir/filename``; returns ``filename``."""
