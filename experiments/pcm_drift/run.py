@@ -72,6 +72,16 @@ def _from_arrays(arrays, n_layers) -> tuple:
     return tuple(({"W": jnp.asarray(arrays[f"W{l}"]), "b": jnp.asarray(arrays[f"b{l}"])}, ()) for l in range(n_layers))
 
 
+def _cached_mlp(path: Path, ident: dict, train_fn, n_layers: int) -> tuple[tuple, int]:
+    """``(params, reused)``: the MLP's parameters stored at ``path`` under ``ident``, else trained and stored."""
+    arrays = load_arrays(path, key=ident)
+    if arrays is not None:
+        return _from_arrays(arrays, n_layers), 1
+    arrays = _to_arrays(train_fn())
+    save_arrays(path, arrays, key=ident)
+    return _from_arrays(arrays, n_layers), 0
+
+
 def mlp_models(cfg, ds: data.Dataset, out: Path, n_test: int) -> tuple[layers.Layer, dict, dict, int]:
     """``(net, {"plain": params, "hwa": params}, info, reused)``; both cached as ``.npz`` (no pickle)."""
     widths = [int(np.prod(ds.feature_shape))] + list(cfg.hidden) + [ds.n_classes]
@@ -79,31 +89,24 @@ def mlp_models(cfg, ds: data.Dataset, out: Path, n_test: int) -> tuple[layers.La
     n = len(widths) - 1
     ident = {"widths": widths, "activation": cfg.activation, "steps": cfg.steps, "batch": cfg.batch_size,
              "lr": cfg.learning_rate, "seed": cfg.seed, "n_train": len(ds.y_train)}
-    reused = 0
-    arrays = load_arrays(out / "mlp_plain.npz", key=ident)
-    if arrays is None:
+
+    def train_plain():
         _, p0 = net.init(jax.random.key(cfg.seed), (widths[0],))
-        res = train.train_plain(net, p0, ds.x_train, ds.y_train, key=jax.random.key(cfg.seed + 1), steps=cfg.steps,
-                                batch_size=cfg.batch_size, optimizer=optax.adam(cfg.learning_rate))
-        arrays = _to_arrays(res.params)
-        save_arrays(out / "mlp_plain.npz", arrays, key=ident)
-    else:
-        reused += 1
-    plain = _from_arrays(arrays, n)
-    ident_hwa = dict(ident, hwa_steps=cfg.hwa_steps, hwa_lr=cfg.hwa_learning_rate, hwa_r=cfg.hwa_realizations)
-    arrays = load_arrays(out / "mlp_hwa.npz", key=ident_hwa)
-    if arrays is None:
+        return train.train_plain(net, p0, ds.x_train, ds.y_train, key=jax.random.key(cfg.seed + 1), steps=cfg.steps,
+                                 batch_size=cfg.batch_size, optimizer=optax.adam(cfg.learning_rate)).params
+
+    def train_hwa():
         chip = hw.AnalogHardware(compensation="readout")
         obj = train.noise_aware_loss(net, noise=chip, weight_noise=hw.DriftedWeights(chip),
                                      n_realizations=cfg.hwa_realizations)
-        res = train.fit(obj, plain, ds.x_train, ds.y_train, key=rng.key(cfg.seed + 2), steps=cfg.hwa_steps,
-                        batch_size=cfg.batch_size, optimizer=optax.adam(cfg.hwa_learning_rate))
-        arrays = _to_arrays(res.params)
-        save_arrays(out / "mlp_hwa.npz", arrays, key=ident_hwa)
-    else:
-        reused += 1
-    hwa = _from_arrays(arrays, n)
-    clean = jax.jit(lambda p, x, y: jnp.mean(jnp.argmax(layers.apply_batch(net, p, x), -1) == y))
+        return train.fit(obj, plain, ds.x_train, ds.y_train, key=rng.key(cfg.seed + 2), steps=cfg.hwa_steps,
+                         batch_size=cfg.batch_size, optimizer=optax.adam(cfg.hwa_learning_rate)).params
+
+    plain, r_plain = _cached_mlp(out / "mlp_plain.npz", ident, train_plain, n)
+    ident_hwa = dict(ident, hwa_steps=cfg.hwa_steps, hwa_lr=cfg.hwa_learning_rate, hwa_r=cfg.hwa_realizations)
+    hwa, r_hwa = _cached_mlp(out / "mlp_hwa.npz", ident_hwa, train_hwa, n)
+    reused = r_plain + r_hwa
+    clean = jax.jit(lambda p, x, y: train.accuracy(layers.apply_batch(net, p, x), y))
     x, y = jnp.asarray(ds.x_test[:n_test]), jnp.asarray(ds.y_test[:n_test])
     info = {"widths": widths, "dataset": ds.name, "n_train": len(ds.y_train), "n_test": n_test,
             "digital_accuracy": {"plain": float(clean(plain, x, y)), "hwa": float(clean(hwa, x, y))}}
@@ -123,7 +126,7 @@ def _mc_fn(net, chip, times, chunk):
 
         def acc_one(params, x, y, k):
             out = hw.drift_forward(net, params, x, times, key=k, hardware=chip)
-            return jnp.mean(jnp.argmax(out, -1) == y, axis=-1)  # (T,)
+            return train.accuracy(out, y)  # (T,)
 
         _COMPILED[key] = jax.jit(lambda p, x, y, keys: jax.lax.map(lambda k: acc_one(p, x, y, k), keys, batch_size=chunk))
     return _COMPILED[key]
@@ -155,7 +158,7 @@ def _gaussian_accuracy(mean, cov, y, key, samples):
     chol = _gaussian_cholesky(cov)
     z = jax.random.normal(key, (samples,) + mean.shape)
     logits = mean + jnp.einsum("bij,sbj->sbi", chol, z)
-    return float(jnp.mean(jnp.argmax(logits, -1) == y))
+    return float(jnp.mean(train.accuracy(logits, y)))  # over the samples
 
 
 def layer_variances(net, params, x, cfg, chip, key) -> dict:
@@ -272,7 +275,7 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
     hwa = jax.tree_util.tree_unflatten(p_def, [jnp.asarray(arrays[f"p{i}"]) for i in range(len(flat_p))])
     params = {"plain": variables["params"], "hwa": hwa}
     times = jnp.asarray(cfg.times)
-    digital = jax.jit(lambda p: jnp.mean(jnp.argmax(f({"params": p, "batch_stats": bs}, x), -1) == y))
+    digital = jax.jit(lambda p: train.accuracy(f({"params": p, "batch_stats": bs}, x), y))
     result = {"model": mcfg.to_dict(), "digital_accuracy": {m: float(digital(p)) for m, p in params.items()},
               "mc": {}, "analytic": {}}
     g = _logits_and_pairs(f)
@@ -283,7 +286,7 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
         def one(p, k):  # one programming (the realization key), read at every time
             def at(t):
                 logits = noisejax.noisy(f, weight=chip.weights(t))(k, {"params": p, "batch_stats": bs}, x)
-                return jnp.mean(jnp.argmax(logits, -1) == y)
+                return train.accuracy(logits, y)
             return jax.vmap(at)(times)
 
         run = jax.jit(lambda p, keys: jax.lax.map(lambda k: one(p, k), keys, batch_size=max(cfg.chunk, 1)))
