@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -51,15 +50,10 @@ CASES = {
 
 
 def _timed(f, repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(f())
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f())
-        times.append(time.perf_counter() - t)
-    return first, statistics.median(times)
+    """(first call incl. compile, median of ``repeats`` warm calls): ``bench_analytic_vs_mc``'s timer."""
+    from bench_analytic_vs_mc import _timed as timed  # a sibling script (benchmarks/ is on sys.path)
+
+    return timed(f, repeats)[:2]
 
 
 def main(argv=None):

@@ -121,13 +121,7 @@ def apply_rule(ctx: Context, op, ins: list) -> list:
         return _bind(op, [_mean(x) for x in ins])
     rule = RULES.get(op.prim.name)
     if rule is None:
-        if ctx.unknown == "linearize":
-            return _linearize(ctx, op, ins)
-        raise UnsupportedPrimitiveError(
-            f"analytic: no moment rule for primitive '{op.prim.name}' with a noisy input, at {op.source}; "
-            "estimate this model by Monte Carlo (noisejax.noisy + noisejax.simulate.monte_carlo), "
-            "or pass unknown='linearize' for a first-order approximation"
-        )
+        return _fallback(ctx, op, ins, f"no moment rule for primitive '{op.prim.name}' with a noisy input")
     del means_out
     return rule(ctx, op, ins)
 
@@ -1022,11 +1016,13 @@ def _reduce_max_rule(ctx, op, ins):
 # ----------------------------------------------------------------------------------
 
 
-def _fallback(ctx, op, ins):
+def _fallback(ctx, op, ins, what: str = ""):
+    """``unknown='linearize'``: the first-order rule; else the one error for an operation without a moment rule."""
     if ctx.unknown == "linearize":
         return _linearize(ctx, op, ins)
+    what = what or f"the moment rule of '{op.prim.name}' does not cover a noisy operand in this position"
     raise UnsupportedPrimitiveError(
-        f"analytic: the moment rule of '{op.prim.name}' does not cover a noisy operand in this position, at {op.source}; "
+        f"analytic: {what}, at {op.source}; "
         "estimate this model by Monte Carlo (noisejax.noisy + noisejax.simulate.monte_carlo), "
         "or pass unknown='linearize' for a first-order approximation"
     )
