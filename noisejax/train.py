@@ -61,7 +61,7 @@ import optax
 from noisejax import _struct as struct
 from jax import lax
 
-from noisejax import _validate, layers
+from noisejax import _backend, _validate, layers
 from noisejax import snr as _snr
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.simulate import realization_keys
@@ -465,6 +465,7 @@ def _check_data(x, y) -> tuple[Any, Optional[Array]]:
 
 _COMPILED: "OrderedDict[Any, Any]" = OrderedDict()
 _COMPILED_MAX = 32
+_BAR_EVERY = 25  # steps between progress-bar updates
 _DEFAULT_OPTIMIZER: list = []
 
 
@@ -474,7 +475,9 @@ def _default_optimizer() -> optax.GradientTransformation:
     return _DEFAULT_OPTIMIZER[0]
 
 
-def _make_run_chunk(opt, sampler, chunk: int, stateful: bool, masked: bool, objective_def):
+def _make_run_chunk(opt, sampler, chunk: int, stateful: bool, masked: bool, objective_def, direct: bool = False):
+    """``run_chunk(...)``: ``chunk`` steps in one :func:`scan_steps`; with ``direct`` (``chunk == 1``) one step, no loop."""
+
     def run_chunk(objective_leaves, carry, start, steps, key, x, y):
         # the objective travels as leaves: rebuilding it here (from tracers) keeps
         # dataclass validators away from jax's lowering placeholders
@@ -491,27 +494,44 @@ def _make_run_chunk(opt, sampler, chunk: int, stateful: bool, masked: bool, obje
                 return objective(p, st, xb, yb, k)
             return objective(p, xb, yb, k), st
 
+        if direct:
+            params, opt_state, value, state = optax_step(loss, opt, *carry, (ts[0], None if idx is None else idx[0]))
+            return (params, opt_state, state), value[None]
         return scan_steps(loss, opt, *carry, xs=(ts, idx), active=(ts < steps) if masked else None)
 
     return jax.jit(run_chunk)
 
 
-def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) -> tuple[Any, float]:
-    """Compiled chunk for these argument types (cached), and the seconds spent compiling."""
+def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) -> tuple[Any, float, int]:
+    """Compiled chunk for these argument types (cached), the seconds spent compiling, and the steps it runs.
+
+    One step runs without a loop when ``chunk`` is 1, and also — whatever ``chunk`` — when
+    the step contains a convolution on the CPU (:func:`noisejax._backend.loops_slow_down`:
+    XLA:CPU runs a convolution's kernel gradient 30–100× slower inside ``lax.scan``).
+    """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     sig = (opt, sampler, chunk, stateful, masked, objective_def, treedef,
            tuple((tuple(l.shape), str(l.dtype), bool(getattr(l, "weak_type", False))) for l in leaves))
     hit = _COMPILED.get(sig)
     if hit is not None:
         _COMPILED.move_to_end(sig)
-        return hit, 0.0
+        return hit[0], 0.0, hit[1]
     t0 = time.perf_counter()
-    compiled = _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).lower(*args).compile()
+    traced = None
+    if chunk == 1 or jax.default_backend() == "cpu":
+        traced = _make_run_chunk(opt, sampler, 1, stateful, False, objective_def, direct=True).trace(*args)
+        if chunk != 1 and not _backend.loops_slow_down(traced.jaxpr):
+            traced = None
+    if traced is None:
+        traced = _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).trace(*args)
+    else:
+        chunk = 1
+    compiled = traced.lower().compile()
     seconds = time.perf_counter() - t0
-    _COMPILED[sig] = compiled
+    _COMPILED[sig] = (compiled, chunk)
     while len(_COMPILED) > _COMPILED_MAX:
         _COMPILED.popitem(last=False)
-    return compiled, seconds
+    return compiled, seconds, chunk
 
 
 def _sampler(batch_size: Optional[int], sampler: Any):
@@ -550,7 +570,10 @@ def fit(
     set when ``batch_size`` is ``None``; another ``sampler`` draws them otherwise) and
     ``objective(params, xb, yb, fold_in(k_t, 1))``.  Steps run ``chunk`` at a time in
     one compiled :func:`scan_steps` (steps past ``steps`` in the last chunk are
-    masked), so the result does not depend on ``chunk``.
+    masked), so the result does not depend on ``chunk``.  On the CPU an objective with a
+    convolution runs one compiled step per dispatch instead (``chunk`` is then ignored):
+    XLA:CPU runs a convolution's kernel gradient 30–100× slower inside ``lax.scan``
+    (:mod:`noisejax._backend`).
 
     The compiled chunk is cached by the optimizer object, the sampler, ``chunk`` and
     the structure/shapes of the arguments: objectives built by
@@ -596,8 +619,8 @@ def fit(
     steps_arr = jnp.int32(steps)
     obj_leaves, obj_def = jax.tree_util.tree_flatten(objective)
     # the last chunk is masked past `steps` (no mask when every chunk is full)
-    compiled, compile_s = _compiled_chunk(opt, sampler, chunk, state is not None, steps % chunk != 0, obj_def,
-                                          (obj_leaves, carry, jnp.int32(0), steps_arr, key, x, y))
+    compiled, compile_s, chunk = _compiled_chunk(opt, sampler, chunk, state is not None, steps % chunk != 0, obj_def,
+                                                 (obj_leaves, carry, jnp.int32(0), steps_arr, key, x, y))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -605,13 +628,16 @@ def fit(
         bar = tqdm(total=steps, desc=description, unit="step", leave=False)
     losses = []
     t0 = time.perf_counter()
+    shown = 0
     try:
         for start in range(0, steps, chunk):
             carry, vals = compiled(obj_leaves, carry, jnp.int32(start), steps_arr, key, x, y)
             losses.append(vals)
-            if bar is not None:
+            done = min(start + chunk, steps)
+            if bar is not None and (done - shown >= _BAR_EVERY or done == steps):  # waiting each step would stall dispatch
                 jax.block_until_ready(vals)
-                bar.update(min(chunk, steps - start))
+                bar.update(done - shown)
+                shown = done
         carry = jax.block_until_ready(carry)
     finally:
         if bar is not None:

@@ -561,3 +561,14 @@ def test_model_cache_reloads_same_variables(tiny_model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(InvalidArgumentError, match="ModelConfig.kind"):
         models.ModelConfig(kind="transformer")
+
+
+def test_compiled_model_init_is_the_eager_init_bitwise():
+    """study.models.init compiles module.init in one program: the same numbers, leaf for leaf."""
+    cfg = models.ModelConfig(kind="resnet1d", dataset="mnist1d", stage_channels=(4, 8), blocks_per_stage=1, n_samples=64)
+    module, x, key = models.build(cfg), jnp.ones((2, 40, 1), jnp.float32), jax.random.key(3)
+    eager = module.init(key, x, train=False)
+    compiled = models.init(module, key, x, train=False)
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(compiled)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(compiled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

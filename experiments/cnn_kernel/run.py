@@ -37,6 +37,7 @@ import noisejax
 from noisejax import data, rng, simulate, train
 from noisejax.study import files
 from noisejax.study.claims import Claim, Result, claim
+from noisejax.study import models
 from noisejax.study.models import CNN
 
 from .. import _common
@@ -60,7 +61,7 @@ def trained_variables(cfg, ds: data.Dataset, seed: int, run: _common.Run) -> tup
     arrays = files.load_arrays(path, key=ident)
     run.reused += int(arrays is not None)
     x_train = _images(ds.x_train)
-    template = model.init(jax.random.key(seed), x_train[:1])
+    template = models.init(model, jax.random.key(seed), x_train[:1])
     if arrays is None:
 
         def loss(v, x, y, key):

@@ -53,7 +53,7 @@ def run_model(spec, cfg, run: _common.Run, progress: bool) -> dict:
     """All denoisers for one model; returns its JSON-ready result dict (and writes its PNG)."""
     ds = models.load_dataset(spec.model)
     module = models.build(spec.model)
-    variables = module.init(jax.random.key(spec.model.seed), jnp.asarray(ds.x_train[:2]), train=False)
+    variables = models.init(module, jax.random.key(spec.model.seed), jnp.asarray(ds.x_train[:2]), train=False)
     # noisejax's counter-based generator: with JAX's threefry, compiling each run (one unrolled
     # 20-round hash per parameter leaf, permutation and device choice) took longer than running it
     key = jax.random.fold_in(rng.key(cfg.seed), sum(map(ord, spec.name)))
