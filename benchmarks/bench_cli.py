@@ -119,7 +119,7 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
     try:
         w, x = make_inputs(work)
-        nj = [sys.executable, "-c", "import sys; from noisejax.cli import main; sys.exit(main())", "propagate", w,
+        nj = [sys.executable, "-m", "noisejax", "propagate", w,  # what the `noisejax` console script runs
               "--input", x, "--activation", "sigmoid", "--add-uncorrelated", str(NOISE_VAR), "--json", "--realizations"]
         th = [sys.executable, os.path.abspath(__file__), "--torch-loop", w, x]
         rows = {r: {"noisejax_cold": [], "noisejax_warm": [], "compile_cold": [], "compile_warm": [], "torch": [], "load": []}

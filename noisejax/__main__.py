@@ -1,8 +1,6 @@
 """``python -m noisejax``: the ``noisejax`` command line (:mod:`noisejax.cli`)."""
 
-import sys
-
-from noisejax.cli import main
+from noisejax.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -25,6 +25,7 @@ with status 2; no traceback.  ``python -m noisejax`` is the same command.
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
 import io
 import json
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run", "build_parser"]
 
 _EXIT_USAGE = 2
 
@@ -434,8 +435,7 @@ def _propagate(args) -> int:
             # tracing and compiling (or loading compiled programs from the compilation cache)
             "seconds": {"total": time.perf_counter() - t_start, "compile": compile_s},
         }
-        json.dump(out, sys.stdout, allow_nan=False)
-        sys.stdout.write("\n")
+        _write_json(out)
     else:
         print("\n".join(_settings_lines(st)))
         print("\n".join(_propagate_table(per_layer)))
@@ -494,6 +494,12 @@ def _propagate_stats(args, net, params, xj, key, nz, widths: list) -> tuple[list
             m, v = np.asarray(p.mean, np.float64), np.asarray(p.var, np.float64)
             per_layer[l]["analytic"] = {"mean": m, "var": v, **_layer_stats(m, v)}
     return per_layer, compile_s
+
+
+def _write_json(doc: dict, *, allow_nan: bool = False) -> None:
+    """``doc`` as one line of JSON on stdout (``json.dumps``: C-accelerated, unlike ``json.dump``'s
+    pure-Python chunked encoder — 0.15 s for the ~10⁵ numbers of a ``propagate --json``)."""
+    sys.stdout.write(json.dumps(doc, allow_nan=allow_nan) + "\n")
 
 
 def _layer_json(e: dict) -> dict:
@@ -560,8 +566,7 @@ def _sweep(args, st, net, params, xj, key, settings, ranges) -> int:
     out_dir = args.sweep
     _write_sweep(out_dir, lines, doc, _sweep_figure(x_values, swept, result, st))
     if args.json:
-        json.dump(doc, sys.stdout, allow_nan=False)
-        sys.stdout.write("\n")
+        _write_json(doc)
     else:
         print("\n".join(lines))
         print(f"wrote {os.path.join(out_dir, 'sweep.txt')}, sweep.json and sweep.png")
@@ -815,8 +820,7 @@ def _selfcheck(args) -> int:
     only = None if args.only is None else [n.strip() for n in args.only.split(",") if n.strip()]
     report = selfcheck.run(only)
     if args.json:
-        json.dump(report.to_dict(), sys.stdout)
-        sys.stdout.write("\n")
+        _write_json(report.to_dict(), allow_nan=True)
     else:
         print(selfcheck.format_table(report))
     return 0 if report.ok else 1
@@ -931,8 +935,30 @@ def _add_propagate(sub, fmt) -> None:
     p.set_defaults(func=_propagate)
 
 
+def run() -> None:
+    """The ``noisejax`` console script (and ``python -m noisejax``): :func:`main`, then a prompt exit.
+
+    After JAX has run, Python's own interpreter teardown (garbage-collecting JAX's modules,
+    the CPU client and its thread pools) takes 0.1–0.2 s of a command that otherwise
+    starts and finishes in about a second.  Everything the command writes is written by
+    then: the standard streams are flushed, the ``atexit`` handlers run (logging, JAX's
+    own), and the process leaves with :func:`os._exit` and :func:`main`'s status.
+    """
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # a closed pipe or stream: nothing left to deliver
+        pass
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if run_exitfuncs is None:  # pragma: no cover - not CPython: the ordinary exit
+        sys.exit(code)
+    run_exitfuncs()
+    os._exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``noisejax`` console script; returns the exit status."""
+    """The command line; returns the exit status (:func:`run` is the console script)."""
     from noisejax.errors import NoisejaxError
 
     parser = build_parser()

@@ -197,6 +197,13 @@ def test_python_dash_m_noisejax(files):
                            "--activation", "tanh", "--add_uncorrelated", "1e-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "did you mean --add-uncorrelated?" in proc.stderr
+    # the prompt exit (cli.run: os._exit after main) still delivers the whole output, status 0
+    proc = subprocess.run([sys.executable, "-m", "noisejax", "propagate", str(d / "w.npz"), "--input", str(d / "x1.npy"),
+                           "--activation", "tanh", "--add-uncorrelated", "1e-3", "--realizations", "64", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["realizations"] == 64 and proc.stdout.endswith("}\n") and len(doc["layers"]) >= 1
 
 
 def test_demo_end_to_end_and_save(tmp_path, capsys):
