@@ -83,6 +83,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -196,15 +197,22 @@ class Prior:
     per_channel: bool = struct.field(pytree_node=False, default=False)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _all_group_stats(leaves: list, per_channel: bool) -> list:
+    return [group_stats(leaf, per_channel=per_channel) for leaf in leaves]
+
+
 def clean_prior(
     clean: PyTree, *, per_channel: bool = False, leaf_filter: LeafFilter = _noise.default_leaf_filter
 ) -> Prior:
     """Side information for :class:`MMSE` / :class:`CompensatedMMSE`: the clean weights' mean and variance per group."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(clean)
+    chosen = [jnp.asarray(leaf) for path, leaf in leaves_with_path if leaf_filter(path, leaf)]
+    stats = iter(_all_group_stats(chosen, per_channel))  # one program, not two eager reductions per leaf
     means, variances = [], []
     for path, leaf in leaves_with_path:
         if leaf_filter(path, leaf):
-            m, v = group_stats(jnp.asarray(leaf), per_channel=per_channel)
+            m, v = next(stats)
             means.append(m)
             variances.append(v)
         else:
@@ -351,7 +359,12 @@ def global_signal_var(clean: PyTree, *, leaf_filter: LeafFilter = _noise.default
     chosen = [jnp.asarray(leaf) for leaf, m in zip(leaves, mask) if m]
     if not chosen:
         raise InvalidArgumentError("leaf_filter selected no leaf of clean; no signal variance to compute")
-    return _noise._reference_power(chosen, "variance")
+    return _signal_var(chosen)
+
+
+@jax.jit
+def _signal_var(leaves: list) -> Array:
+    return _noise._reference_power(leaves, "variance")
 
 
 @struct.dataclass
@@ -723,7 +736,7 @@ def learned_objective(
     """Monte Carlo estimate of ``E_{WNR~U(range), n}[ loss_fn(denoiser(clean + n), batch) ]``.
 
     ``n_draws`` noise realizations (each with its own WNR drawn uniformly in
-    ``wnr_range``) are evaluated one after the other (``lax.map``); realization ``i`` uses
+    ``wnr_range``) are evaluated side by side (``vmap``); realization ``i`` uses
     ``fold_in(key, i)``.  The noise is reparameterized (``w + σ·ε``), so the
     gradient with respect to ``denoiser`` flows through the denoised network only.
     """
@@ -739,9 +752,10 @@ def learned_objective(
         return loss_fn(denoiser(noisy, pw, wnr_db=wnr), batch)
 
     denoiser = retarget(denoiser, clean)  # projection targets follow their directions
-    # draws one after the other: vmapped draws batch the weights, so a CNN's convolutions become
-    # grouped convolutions, which XLA's CPU compiler took about twice as long to compile
-    return jnp.mean(jax.lax.map(one, jnp.arange(n_draws)))
+    # draws vmapped, not one after the other (lax.map): inside a loop, XLA:CPU runs the convolutions'
+    # kernel gradients through its naive emitter (noisejax._backend); vmapped, a ResNet-1D's training
+    # step also compiles faster (the "common" variant of noisy_inference: 4.4 s -> 3.6 s)
+    return jnp.mean(jax.vmap(one)(jnp.arange(n_draws)))
 
 
 @struct.dataclass

@@ -248,11 +248,12 @@ def train(config: ModelConfig, dataset: Optional[_data.Dataset] = None, *, progr
     if res.state:
         variables["batch_stats"] = res.state
     variables = jax.tree_util.tree_map(np.asarray, variables)
-    f = jax.jit(logits_fn(config))
+    f = logits_fn(config)
+    acc = jax.jit(lambda v, x, y: _train.accuracy(f(v, x), y))  # one program per split, no eager argmax/mean
     info = {"train_seconds": res.compile_seconds + res.run_seconds, "final_loss": float(res.losses[-1])}
     for split in ("train", "val", "test"):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
-        info[f"{split}_accuracy"] = float(_train.accuracy(f(variables, jnp.asarray(x)), jnp.asarray(y)))
+        info[f"{split}_accuracy"] = float(acc(variables, jnp.asarray(x), jnp.asarray(y)))
     return variables, info
 
 
