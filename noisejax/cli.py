@@ -967,6 +967,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
+        if args.command == "reproduce":  # the cores as JAX devices: sharded runs go side by side
+            from noisejax import _backend
+
+            _backend.use_host_devices()
         if args.command in ("propagate", "demo", "reproduce"):
             from noisejax.study import files
 

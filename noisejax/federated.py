@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from noisejax import _validate, denoise
 from noisejax import noise as _noise
@@ -272,8 +274,14 @@ def run(
     key: jax.Array,
     n_seeds: int = 1,
     split_seed: int = 0,
+    devices: Optional[Sequence[jax.Device]] = None,
 ) -> dict:
     """Federated training for every WNR in ``wnr_db`` and ``n_seeds`` seeds, in one compiled call.
+
+    The ``W·n_seeds`` runs are independent: they are split over ``devices`` (default: this
+    process's devices, :func:`jax.local_devices`) with a :class:`~jax.sharding.NamedSharding`
+    of the run axis, so several CPU devices (``--xla_force_host_platform_device_count``) or
+    accelerators run them side by side.  A run's result does not depend on the device count.
 
     Args:
       module: a linen module called as ``module.apply(variables, x, train=...)``.
@@ -285,6 +293,7 @@ def run(
       key: base key; seed ``s`` uses ``fold_in(key, s)`` for every WNR point.
       n_seeds: independent runs per WNR point.
       split_seed: seed of the non-IID split (the same for all runs).
+      devices: the devices the runs are split over (the run count is padded to a multiple).
 
     Returns:
       ``{"test_accuracy": (W, n_seeds, rounds/eval_every), "rounds": [...], "seconds": s}``.
@@ -301,15 +310,22 @@ def run(
     nv = min(cfg.val_batch, len(dataset.y_val))
     arrays = [jnp.asarray(a) for a in (dataset.x_train, dataset.y_train, dataset.x_val[:nv], dataset.y_val[:nv],
                                        dataset.x_test, dataset.y_test)]
-    w_all = jnp.repeat(jnp.asarray(wnr), n_seeds)
-    k_all = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.tile(jnp.arange(n_seeds), wnr.size))
+    n_runs = wnr.size * n_seeds
+    devices = list(jax.local_devices() if devices is None else devices)
+    # run i: WNR point i // n_seeds, seed i % n_seeds; padded (repeating the last run) to a multiple of the devices
+    run_ids = np.minimum(np.arange(-(-n_runs // len(devices)) * len(devices)), n_runs - 1)
+    w_all = jnp.asarray(np.repeat(wnr, n_seeds)[run_ids])
+    k_all = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.asarray(run_ids % n_seeds))
+    mesh = Mesh(np.asarray(devices), ("runs",))
+    w_all, k_all = jax.device_put((w_all, k_all), NamedSharding(mesh, P("runs")))
+    variables, den0, shards, arrays = jax.device_put((variables, den0, shards, arrays), NamedSharding(mesh, P()))
 
     @jax.jit
     def all_runs(w_all, k_all, variables, den0, shards, *arrays):
         return jax.vmap(run_one, in_axes=(0, 0) + (None,) * 9)(w_all, k_all, variables, den0, shards, *arrays)
 
     t0 = time.perf_counter()
-    acc = np.asarray(all_runs(w_all, k_all, variables, den0, shards, *arrays))
+    acc = np.asarray(all_runs(w_all, k_all, variables, den0, shards, *arrays))[:n_runs]
     seconds = time.perf_counter() - t0
     acc = acc.reshape(wnr.size, n_seeds, -1)
     return {

@@ -182,3 +182,18 @@ def test_dense_weight_noise_variance_against_numpy(kind):
          "full": rs.random((7, 5)).astype(np.float32)}[kind]
     got = np.asarray(moments.predict(net, p, jnp.asarray(x, jnp.float32), weight_noise_var=({"W": jnp.asarray(v), "b": None}, ()))[-1].var)
     np.testing.assert_allclose(got, np.square(x) @ np.broadcast_to(np.asarray(v, np.float64), (7, 5)), rtol=2e-5)
+
+
+def test_use_host_devices_sets_a_power_of_two_once():
+    from noisejax import _backend
+
+    env = {}
+    assert _backend.use_host_devices(environ=env) in ("set", "single-core")
+    if env:
+        n = int(env["XLA_FLAGS"].split("=")[1])
+        assert n >= 2 and n & (n - 1) == 0 and n <= 8  # the engine's default 8 streams stay divisible
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert _backend.use_host_devices(environ=env) == "user-set" and env["XLA_FLAGS"].endswith("=3")
+    env = {"XLA_FLAGS": "--foo"}
+    assert _backend.use_host_devices(4, environ=env) == "set" and env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=4"
+    assert _backend.use_host_devices(1, environ={}) == "single-core"

@@ -97,3 +97,36 @@ def test_batchnorm_resnet_federated_path():
         if "BatchNorm" in name or "batch_stats" in name:
             np.testing.assert_array_equal(np.asarray(leaf), 1.0, err_msg=name)
     assert any(not np.allclose(np.asarray(leaf), 1.0) for path, leaf in flat if "Conv" in jax.tree_util.keystr(path))
+
+
+_DEVICES_SCRIPT = r"""
+import dataclasses, sys
+import jax, numpy as np
+from noisejax import federated, rng
+from noisejax.study import models
+cfg = models.ModelConfig(kind="mlp", dataset="digits", widths=(8,), activation="relu")
+ds = models.load_dataset(cfg)
+module = models.build(cfg)
+variables = models.init(module, jax.random.key(0), ds.x_train[:2], train=False)
+fed = federated.FederatedConfig(n_devices=4, n_active=2, rounds=2, eval_every=1, shards_per_device=5, local_epochs=1,
+                                local_batch=32, local_lr=0.3, local_optimizer="sgd", denoiser="mmse")
+assert len(jax.devices()) == int(sys.argv[2]), jax.devices()
+out = federated.run(module, variables, ds, fed, wnr_db=[-20.0, -10.0, 0.0], key=rng.key(5), n_seeds=1)
+np.save(sys.argv[1], out["test_accuracy"])
+"""
+
+
+def test_runs_split_over_devices_give_the_same_accuracies(tmp_path):
+    """3 runs on 1 CPU device vs split over 2 (padded to 4): the same accuracies, bitwise."""
+    import os
+    import subprocess
+    import sys
+
+    res = {}
+    for n_dev in (1, 2):
+        out = tmp_path / f"acc_{n_dev}.npy"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu")
+        subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(out), str(n_dev)], check=True, env=env)
+        res[n_dev] = np.load(out)
+    assert res[1].shape == (3, 1, 2)
+    np.testing.assert_array_equal(res[1], res[2])
