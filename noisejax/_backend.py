@@ -57,7 +57,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Mapping, MutableMapping, Optional
+from typing import Any, Callable, Mapping, MutableMapping, Optional
 
 __all__ = [
     "FLAG", "AFFECTED_JAXLIB", "OPT_OUT_ENV", "jaxlib_version", "is_affected", "apply_xla_guard", "guard_status",
@@ -187,8 +187,9 @@ def guard_status() -> Mapping[str, str]:
 # ----------------------------------------------------------------------------------
 
 
-def uses_primitive(jaxpr, names) -> bool:
-    """Whether ``jaxpr`` (a ``Jaxpr`` or ``ClosedJaxpr``) or any jaxpr nested in its equations uses a primitive in ``names``."""
+def uses_primitive(jaxpr, names, where: Optional[Callable[[Any], bool]] = None) -> bool:
+    """Whether ``jaxpr`` (a ``Jaxpr`` or ``ClosedJaxpr``) or a jaxpr nested in its equations uses a primitive in ``names``
+    (with ``where(eqn)`` true, when given)."""
     names = frozenset(names)
     todo, seen = [getattr(jaxpr, "jaxpr", jaxpr)], set()
     while todo:
@@ -197,7 +198,7 @@ def uses_primitive(jaxpr, names) -> bool:
             continue
         seen.add(id(j))
         for eqn in j.eqns:
-            if eqn.primitive.name in names:
+            if eqn.primitive.name in names and (where is None or where(eqn)):
                 return True
             for value in eqn.params.values():
                 for v in value if isinstance(value, (tuple, list)) else (value,):
@@ -207,55 +208,24 @@ def uses_primitive(jaxpr, names) -> bool:
     return False
 
 
-#: primitives whose gradient XLA:CPU runs slowly inside a loop (see the module docstring)
-SLOW_IN_CPU_LOOPS = frozenset({"conv_general_dilated"})
+def _spatial_2d(eqn) -> bool:
+    """A convolution with two or more spatial dimensions (its lhs spec names batch, feature and the spatial dims)."""
+    dn = eqn.params.get("dimension_numbers")
+    spec = getattr(dn, "lhs_spec", None)
+    return spec is None or len(spec) >= 4
 
 
 def loops_slow_down(jaxpr, backend: Optional[str] = None) -> bool:
     """Whether a training step with this ``jaxpr`` should run outside ``lax.scan`` on ``backend`` (default: JAX's).
 
-    True on the CPU when the step contains a convolution (its kernel gradient inside a
-    ``while`` loop takes XLA:CPU's naive emitter; see the module docstring).
+    True on the CPU when the step contains a convolution with two or more spatial
+    dimensions: its kernel gradient inside a ``while`` loop takes XLA:CPU's naive emitter,
+    30–100× slower (see the module docstring).  One-dimensional convolutions lose a
+    factor of 3–7 on a part that is small beside the rest of the step (a ResNet-1D on
+    MNIST-1D trains in the same time either way), so their steps keep the scan.
     """
     if backend is None:
         import jax
 
         backend = jax.default_backend()
-    return backend == "cpu" and uses_primitive(jaxpr, SLOW_IN_CPU_LOOPS)
-
-
-# ----------------------------------------------------------------------------------
-# CPU cores as devices
-# ----------------------------------------------------------------------------------
-
-#: the XLA flag that splits the CPU into several JAX devices
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-
-
-def use_host_devices(n: Optional[int] = None, environ: Optional[MutableMapping[str, str]] = None) -> str:
-    """Let JAX see the CPU as ``n`` devices (default: the largest power of two ≤ the cores, at most 8).
-
-    XLA runs a program on one CPU device from one thread (plus the intra-op threads of its
-    large matrix products); a computation sharded over several CPU devices
-    (:func:`noisejax.simulate.monte_carlo`'s streams, :func:`noisejax.federated.run`'s runs)
-    runs its shards side by side.  Results do not depend on the device count.  Set before
-    JAX starts (``XLA_FLAGS`` is read once); left alone when ``XLA_FLAGS`` already names the
-    flag, when ``n`` would be 1, or when a backend is running.  A power of two keeps the
-    Monte Carlo engine's default 8 streams divisible.  Accelerators are unaffected (the
-    host devices are only used when asked for).
-
-    Returns ``"set"``, ``"user-set"``, ``"single-core"`` or ``"too-late"``.
-    """
-    env = os.environ if environ is None else environ
-    flags = env.get("XLA_FLAGS", "")
-    if HOST_DEVICES_FLAG in flags:
-        return "user-set"
-    if n is None:
-        cores = min(os.cpu_count() or 1, 8)
-        n = 1 << (cores.bit_length() - 1)
-    if n <= 1:
-        return "single-core"
-    if environ is None and _backends_initialized():
-        return "too-late"
-    env["XLA_FLAGS"] = (flags + f" {HOST_DEVICES_FLAG}={int(n)}").strip()
-    return "set"
+    return backend == "cpu" and uses_primitive(jaxpr, {"conv_general_dilated"}, _spatial_2d)

@@ -506,8 +506,8 @@ def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) 
     """Compiled chunk for these argument types (cached), the seconds spent compiling, and the steps it runs.
 
     One step runs without a loop when ``chunk`` is 1, and also — whatever ``chunk`` — when
-    the step contains a convolution on the CPU (:func:`noisejax._backend.loops_slow_down`:
-    XLA:CPU runs a convolution's kernel gradient 30–100× slower inside ``lax.scan``).
+    the step contains a 2-D convolution on the CPU (:func:`noisejax._backend.loops_slow_down`:
+    XLA:CPU runs a 2-D convolution's kernel gradient 30–100× slower inside ``lax.scan``).
     """
     leaves, treedef = jax.tree_util.tree_flatten(args)
     sig = (opt, sampler, chunk, stateful, masked, objective_def, treedef,
@@ -570,9 +570,9 @@ def fit(
     set when ``batch_size`` is ``None``; another ``sampler`` draws them otherwise) and
     ``objective(params, xb, yb, fold_in(k_t, 1))``.  Steps run ``chunk`` at a time in
     one compiled :func:`scan_steps` (steps past ``steps`` in the last chunk are
-    masked), so the result does not depend on ``chunk``.  On the CPU an objective with a
+    masked), so the result does not depend on ``chunk``.  On the CPU an objective with a 2-D
     convolution runs one compiled step per dispatch instead (``chunk`` is then ignored):
-    XLA:CPU runs a convolution's kernel gradient 30–100× slower inside ``lax.scan``
+    XLA:CPU runs a 2-D convolution's kernel gradient 30–100× slower inside ``lax.scan``
     (:mod:`noisejax._backend`).
 
     The compiled chunk is cached by the optimizer object, the sampler, ``chunk`` and

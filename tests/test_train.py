@@ -198,6 +198,8 @@ def test_conv_objective_runs_outside_scan_on_cpu_and_matches_the_scanned_steps()
     jaxpr = jax.make_jaxpr(jax.grad(objective))(p0, x[:16], y[:16], None)
     assert _backend.uses_primitive(jaxpr, {"conv_general_dilated"})
     assert _backend.loops_slow_down(jaxpr, "cpu") and not _backend.loops_slow_down(jaxpr, "gpu")
+    conv1d = jax.make_jaxpr(lambda k, h: lax.conv_general_dilated(h, k, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")))
+    assert not _backend.loops_slow_down(conv1d(jnp.ones((3, 2, 4)), jnp.ones((5, 7, 2))), "cpu")  # 1-D: kept in the scan
     if jax.default_backend() == "cpu":  # the conv objective (asked in chunks of 5) compiled as one direct step
         assert list(train._COMPILED.values())[-1][1] == 1 and direct.losses.shape == (12,)
     # the same steps through lax.scan (an independent path: scan_steps with the same minibatches and keys)
