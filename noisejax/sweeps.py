@@ -48,11 +48,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from noisejax import _validate
 from noisejax import noise as _noise
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
-from noisejax.simulate import realization_keys
+from noisejax.simulate import _shard_map, realization_keys
 from noisejax.train import accuracy
 
 __all__ = [
@@ -68,12 +70,32 @@ PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
-@functools.lru_cache(maxsize=64)
-def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size):
-    """Compiled ``(variables, x, y, wnr, keys, ests) -> (R, E)`` accuracies, cached per static setup."""
+def _realization_mesh(n_realizations: int):
+    """A 1-D mesh of this process's devices for ``n_realizations`` realizations, or ``None`` (one device, or not divisible)."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or n_realizations % len(devices):
+        return None
+    return Mesh(np.asarray(devices), ("realizations",))
 
-    @jax.jit
-    def point(variables, x, y, wnr, keys, ests):
+
+def _over_realizations(local, mesh, n_args: int, keys_at: int, out_axis: int = 0):
+    """``local`` (realizations on its argument ``keys_at``, raw key data) run side by side on ``mesh``'s devices.
+
+    Each device runs ``local`` on its slice of the realizations (:func:`jax.shard_map`; the
+    other arguments replicated): the same per-realization program as on one device, so
+    the results do not depend on the device count.
+    """
+    if mesh is None:
+        return local
+    specs = tuple(P("realizations") if i == keys_at else P() for i in range(n_args))
+    return _shard_map(local, mesh, in_specs=specs, out_specs=P(*([None] * out_axis), "realizations"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size, mesh, impl):
+    """Compiled ``(variables, x, y, wnr, key_data, ests) -> (R, E)`` accuracies, cached per static setup."""
+
+    def local(variables, x, y, wnr, key_data, ests):
         pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
 
         def one(k):
@@ -82,17 +104,16 @@ def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size):
             )
             return jnp.stack([accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
 
-        return jax.lax.map(one, keys, batch_size=batch_size)
+        return jax.lax.map(one, _wrap(key_data, impl), batch_size=batch_size)
 
-    return point
+    return jax.jit(_over_realizations(local, mesh, 6, 4))
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size):
-    """Compiled ``(variables, wnr, keys, grid, arrays) -> {name: (G, R)}``, cached per static setup."""
+def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, mesh, impl):
+    """Compiled ``(variables, wnr, key_data, grid, arrays) -> {name: (G, R)}``, cached per static setup."""
 
-    @jax.jit
-    def point(variables, wnr, keys, grid, arrays):
+    def local(variables, wnr, key_data, grid, arrays):
         pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
 
         def one(k):
@@ -106,9 +127,20 @@ def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size):
 
             return jax.lax.map(score, grid, batch_size=grid_batch_size)
 
-        return jax.vmap(one, out_axes=1)(keys)
+        return jax.vmap(one, out_axes=1)(_wrap(key_data, impl))  # (G, R) per dataset
 
-    return point
+    return jax.jit(_over_realizations(local, mesh, 5, 2, out_axis=1))
+
+
+def _key_data(keys: jax.Array):
+    """``(raw key data, impl)`` of a key array (what crosses ``shard_map``); plain ``uint32`` keys pass as they are."""
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(keys), jax.random.key_impl(keys)
+    return keys, None
+
+
+def _wrap(key_data, impl):
+    return key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
 
 
 class _NoStore:
@@ -205,9 +237,9 @@ def accuracy_sweep(
         else:
             per_point[n] = [e] * len(grid)
 
-    point = _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size)
+    keys, impl = _key_data(realization_keys(key, jnp.arange(n_realizations)))
+    point = _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size, _realization_mesh(n_realizations), impl)
 
-    keys = realization_keys(key, jnp.arange(n_realizations))
     t0 = time.perf_counter()
     points = _point_store(store, {"kind": "accuracy_sweep", "names": names, "R": n_realizations, "reference": reference,
                                   "scope": scope, "store_key": store_key}, (variables, x, y, key))
@@ -268,10 +300,10 @@ def grid_accuracies(
     if len(sizes) != 1:
         raise ShapeMismatchError(f"grid leaves must share one leading size, got {sorted(sizes)}")
 
-    point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size)
-
     _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
-    keys = realization_keys(key, jnp.arange(n_realizations))
+    keys, impl = _key_data(realization_keys(key, jnp.arange(n_realizations)))
+    point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, _realization_mesh(n_realizations),
+                           impl)
     points = _point_store(store, {"kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
                                   "store_key": store_key}, (variables, arrays, grid, key))
     rows = []

@@ -184,3 +184,38 @@ def test_points_of_another_library_version_are_recomputed(tiny_problem, tmp_path
     assert sweeps.accuracy_sweep(f, v, x, y, [0.0], **kw)["_reused"] == 0
     files.cached_point(tmp_path / "p", "a", compute, key={"w": 0})
     assert len(calls) == 2
+
+
+_DEVICES = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from noisejax import denoise, rng, sweeps
+    from noisejax.study import models
+
+    cfg = models.ModelConfig(kind="resnet1d", dataset="mnist1d", stage_channels=(4, 8), blocks_per_stage=1, n_samples=400)
+    ds = models.load_dataset(cfg)
+    variables = models.init(models.build(cfg), jax.random.key(0), ds.x_train[:2], train=False)
+    f = models.logits_fn(cfg)
+    assert len(jax.devices()) == int(sys.argv[2])
+    sw = sweeps.accuracy_sweep(f, variables, ds.x_test, ds.y_test, [0.0, 10.0], key=rng.key(1), n_realizations=4,
+                               estimators={"ML": denoise.ML(), "MMSE": denoise.MMSE()}, batch_size=2)
+    grid = sweeps.grid_accuracies(f, variables, {"val": (ds.x_val, ds.y_val)}, [5.0], denoise.compensated_grid((0.5, 1.0), (0.0,)),
+                                  key=rng.key(2), n_realizations=4)
+    np.savez(sys.argv[1], ml=sw["ML"], mmse=sw["MMSE"], grid=grid["val"])
+    """
+)
+
+
+def test_sweep_and_grid_split_over_devices_are_bitwise_the_same(tmp_path):
+    """Realizations split over 2 CPU devices (shard_map) give the accuracies of 1 device, bit for bit."""
+    res = {}
+    for n in (1, 2):
+        out = tmp_path / f"d{n}.npz"
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        subprocess.run([sys.executable, "-c", _DEVICES, str(out), str(n)], check=True, env=env)
+        with np.load(out) as z:
+            res[n] = {k: z[k] for k in z.files}
+    assert res[1]["ml"].shape == (2, 4) and res[1]["grid"].shape == (1, 2, 4)
+    for k in res[1]:
+        np.testing.assert_array_equal(res[1][k], res[2][k])
