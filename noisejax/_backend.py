@@ -229,3 +229,40 @@ def loops_slow_down(jaxpr, backend: Optional[str] = None) -> bool:
 
         backend = jax.default_backend()
     return backend == "cpu" and uses_primitive(jaxpr, {"conv_general_dilated"}, _spatial_2d)
+
+
+# ----------------------------------------------------------------------------------
+# CPU cores as devices
+# ----------------------------------------------------------------------------------
+
+#: the XLA flag that splits the CPU into several JAX devices
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_host_devices(n: Optional[int] = None, environ: Optional[MutableMapping[str, str]] = None) -> str:
+    """Let JAX see the CPU as ``n`` devices (default: the largest power of two ≤ the cores, at most 8).
+
+    XLA runs a program on one CPU device from one thread (plus the intra-op threads of its
+    large matrix products); a computation sharded over several CPU devices
+    (:func:`noisejax.simulate.monte_carlo`'s streams, :func:`noisejax.federated.run`'s runs)
+    runs its shards side by side.  Results do not depend on the device count.  Set before
+    JAX starts (``XLA_FLAGS`` is read once); left alone when ``XLA_FLAGS`` already names the
+    flag, when ``n`` would be 1, or when a backend is running.  A power of two keeps the
+    Monte Carlo engine's default 8 streams divisible.  Accelerators are unaffected (the
+    host devices are only used when asked for).
+
+    Returns ``"set"``, ``"user-set"``, ``"single-core"`` or ``"too-late"``.
+    """
+    env = os.environ if environ is None else environ
+    flags = env.get("XLA_FLAGS", "")
+    if HOST_DEVICES_FLAG in flags:
+        return "user-set"
+    if n is None:
+        cores = min(os.cpu_count() or 1, 8)
+        n = 1 << (cores.bit_length() - 1)
+    if n <= 1:
+        return "single-core"
+    if environ is None and _backends_initialized():
+        return "too-late"
+    env["XLA_FLAGS"] = (flags + f" {HOST_DEVICES_FLAG}={int(n)}").strip()
+    return "set"
