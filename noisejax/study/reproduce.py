@@ -115,14 +115,14 @@ EXPERIMENTS: tuple[str, ...] = (
 #: weights of the overall progress and ETA.  An experiment missing here counts as the median;
 #: a stored record in the report folder (an earlier run on this machine) takes precedence.
 _EXPECTED_SECONDS: dict[str, float] = {
-    "symmetric_depth": 11.0,
-    "trained_mlp_snr": 19.0,
-    "connection_matrix": 29.0,
-    "cnn_kernel": 60.0,
-    "mitigation": 48.0,
-    "noisy_inference": 255.0,
-    "noisy_federated": 121.0,
-    "pcm_drift": 246.0,
+    "symmetric_depth": 4.2,
+    "trained_mlp_snr": 8.7,
+    "connection_matrix": 11.5,
+    "cnn_kernel": 11.7,
+    "mitigation": 12.8,
+    "noisy_inference": 69.3,
+    "noisy_federated": 21.6,
+    "pcm_drift": 303.8,
 }
 CONFIG_NAMES: tuple[str, ...] = ("tiny", "default", "full")
 CONFIG_ENV = "NOISEJAX_REPRODUCE_CONFIG"
