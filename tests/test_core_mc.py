@@ -5,9 +5,6 @@ random generator; the two Monte Carlo estimates must agree within tolerances tha
 follow from the number of realizations (5 standard errors of the difference).
 """
 
-import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -226,17 +223,16 @@ np.savez(sys.argv[1], *[np.asarray(a) for a in jax.tree_util.tree_leaves(res)])
 """
 
 
-def _run_devices(tmp_path, n_dev, chunk):
+def _run_devices(run, tmp_path, n_dev, chunk):
     out = tmp_path / f"res_{n_dev}_{chunk}.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(out), str(n_dev), str(chunk)], check=True, env=env)
+    run(_DEVICE_SCRIPT, n_dev, out, n_dev, chunk)
     with np.load(out) as z:
         return [z[k] for k in sorted(z.files, key=lambda s: int(s.split("_")[1]))]
 
 
-def test_device_count_invariance_is_bitwise(tmp_path):
-    one = _run_devices(tmp_path, 1, 512)
-    four = _run_devices(tmp_path, 4, 100)
+def test_device_count_invariance_is_bitwise(tmp_path, on_host_devices):
+    one = _run_devices(on_host_devices, tmp_path, 1, 512)
+    four = _run_devices(on_host_devices, tmp_path, 4, 100)
     assert len(one) == len(four) > 0
     for a, b in zip(one, four):
         assert np.array_equal(a, b)

@@ -116,17 +116,12 @@ np.save(sys.argv[1], out["test_accuracy"])
 """
 
 
-def test_runs_split_over_devices_give_the_same_accuracies(tmp_path):
+def test_runs_split_over_devices_give_the_same_accuracies(tmp_path, on_host_devices):
     """3 runs on 1 CPU device vs split over 2 (padded to 4): the same accuracies, bitwise."""
-    import os
-    import subprocess
-    import sys
-
     res = {}
     for n_dev in (1, 2):
         out = tmp_path / f"acc_{n_dev}.npy"
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", JAX_PLATFORMS="cpu")
-        subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(out), str(n_dev)], check=True, env=env)
+        on_host_devices(_DEVICES_SCRIPT, n_dev, out, n_dev)
         res[n_dev] = np.load(out)
     assert res[1].shape == (3, 1, 2)
     np.testing.assert_array_equal(res[1], res[2])

@@ -207,13 +207,12 @@ _DEVICES = textwrap.dedent(
 )
 
 
-def test_sweep_and_grid_split_over_devices_are_bitwise_the_same(tmp_path):
+def test_sweep_and_grid_split_over_devices_are_bitwise_the_same(tmp_path, on_host_devices):
     """Realizations split over 2 CPU devices (shard_map) give the accuracies of 1 device, bit for bit."""
     res = {}
     for n in (1, 2):
         out = tmp_path / f"d{n}.npz"
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-        subprocess.run([sys.executable, "-c", _DEVICES, str(out), str(n)], check=True, env=env)
+        on_host_devices(_DEVICES, n, out, n)
         with np.load(out) as z:
             res[n] = {k: z[k] for k in z.files}
     assert res[1]["ml"].shape == (2, 4) and res[1]["grid"].shape == (1, 2, 4)
