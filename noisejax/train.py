@@ -517,14 +517,9 @@ def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) 
         _COMPILED.move_to_end(sig)
         return hit[0], 0.0, hit[1]
     t0 = time.perf_counter()
-    traced = None
-    if chunk == 1 or jax.default_backend() == "cpu":
+    traced = None if chunk == 1 else _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).trace(*args)
+    if traced is None or _backend.loops_slow_down(traced.jaxpr):  # one step, no loop
         traced = _make_run_chunk(opt, sampler, 1, stateful, False, objective_def, direct=True).trace(*args)
-        if chunk != 1 and not _backend.loops_slow_down(traced.jaxpr):
-            traced = None
-    if traced is None:
-        traced = _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).trace(*args)
-    else:
         chunk = 1
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - t0
