@@ -219,12 +219,16 @@ def realization_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
 
-def _key_codec(key):
-    """Split a key into (raw data, rebuild function) so it can cross shard_map."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        impl = jax.random.key_impl(key)
-        return jax.random.key_data(key), lambda data: jax.random.wrap_key_data(data, impl=impl)
-    return key, lambda data: data
+def _key_data(keys):
+    """``(raw key data, impl)`` of a key array, what crosses ``shard_map`` (plain ``uint32`` keys: ``impl`` None)."""
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(keys), jax.random.key_impl(keys)
+    return keys, None
+
+
+def _wrap_keys(data, impl):
+    """The inverse of :func:`_key_data`."""
+    return data if impl is None else jax.random.wrap_key_data(data, impl=impl)
 
 
 # ----------------------------------------------------------------------------------
@@ -405,7 +409,8 @@ def monte_carlo(
 
     if not callable(fn):
         raise InvalidArgumentError("fn must be callable: fn(key) -> pytree of arrays")
-    key_data, rebuild = _key_codec(key)
+    key_data, impl = _key_data(key)
+    rebuild = functools.partial(_wrap_keys, impl=impl)
     flat_fn, consts, out_struct, program = _trace(fn, rebuild(key_data))
 
     mesh = Mesh(np.asarray(devices), (_AXIS,))

@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P
 from noisejax import _validate
 from noisejax import noise as _noise
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
-from noisejax.simulate import _shard_map, realization_keys
+from noisejax.simulate import _key_data, _shard_map, _wrap_keys, realization_keys
 from noisejax.train import accuracy
 
 __all__ = [
@@ -104,7 +104,7 @@ def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size, mesh, 
             )
             return jnp.stack([accuracy(logits_fn(e(noisy, pw, wnr_db=wnr), x), y) for e in ests])
 
-        return jax.lax.map(one, _wrap(key_data, impl), batch_size=batch_size)
+        return jax.lax.map(one, _wrap_keys(key_data, impl), batch_size=batch_size)
 
     return jax.jit(_over_realizations(local, mesh, 6, 4))
 
@@ -127,20 +127,9 @@ def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, me
 
             return jax.lax.map(score, grid, batch_size=grid_batch_size)
 
-        return jax.vmap(one, out_axes=1)(_wrap(key_data, impl))  # (G, R) per dataset
+        return jax.vmap(one, out_axes=1)(_wrap_keys(key_data, impl))  # (G, R) per dataset
 
     return jax.jit(_over_realizations(local, mesh, 5, 2, out_axis=1))
-
-
-def _key_data(keys: jax.Array):
-    """``(raw key data, impl)`` of a key array (what crosses ``shard_map``); plain ``uint32`` keys pass as they are."""
-    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(keys), jax.random.key_impl(keys)
-    return keys, None
-
-
-def _wrap(key_data, impl):
-    return key_data if impl is None else jax.random.wrap_key_data(key_data, impl=impl)
 
 
 class _NoStore:
