@@ -49,6 +49,12 @@ top level of a program (jaxlib 0.10.2: 37.6 ms instead of 0.31 ms for a 3×3, 32
 channel kernel gradient on 128 4×4 maps; the Flax MNIST CNN's training step 44 ms
 instead of 1.6 ms). :func:`noisejax.train.fit` therefore runs one compiled step per
 dispatch, without a loop, when its objective contains a convolution on the CPU.
+
+The converse trap, handled by :func:`batched_kernels_slow`: ``vmap`` of a convolution over
+*different kernels* (noise realizations of the weights, a grid of denoisers) becomes one
+grouped convolution (``feature_group_count`` = the batch), which XLA:CPU runs 2–3× slower
+than a loop over the kernels (a ResNet-1D on 1000 MNIST-1D inputs, 8 kernel sets: 67.7 ms
+vmapped, 20.9 ms in ``lax.map``, 3.5 ms for one set).
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional
 
 __all__ = [
     "FLAG", "AFFECTED_JAXLIB", "OPT_OUT_ENV", "jaxlib_version", "is_affected", "apply_xla_guard", "guard_status",
-    "uses_primitive", "loops_slow_down", "HOST_DEVICES_FLAG", "use_host_devices",
+    "uses_primitive", "loops_slow_down", "batched_kernels_slow", "HOST_DEVICES_FLAG", "use_host_devices",
 ]
 
 #: the XLA flag and the value that avoids the miscompile (empty list: no YNNPACK fusion)
@@ -229,6 +235,21 @@ def loops_slow_down(jaxpr, backend: Optional[str] = None) -> bool:
 
         backend = jax.default_backend()
     return backend == "cpu" and uses_primitive(jaxpr, {"conv_general_dilated"}, _spatial_2d)
+
+
+def batched_kernels_slow(jaxpr, backend: Optional[str] = None) -> bool:
+    """Whether ``jaxpr`` should be looped (``lax.map``), not ``vmap``-ped, over sets of its weights on ``backend``.
+
+    True on the CPU when it contains a convolution: vmapped over kernels it becomes a
+    grouped convolution that XLA:CPU runs 2–3× slower than the loop (module docstring).
+    Elsewhere ``vmap`` keeps the accelerator busy.  A forward pass only: inside a loop a
+    *kernel gradient* is the slow one (:func:`loops_slow_down`).
+    """
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return backend == "cpu" and uses_primitive(jaxpr, {"conv_general_dilated"})
 
 
 # ----------------------------------------------------------------------------------

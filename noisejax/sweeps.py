@@ -51,7 +51,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from noisejax import _validate
+from noisejax import _backend, _validate
 from noisejax import noise as _noise
 from noisejax.errors import InvalidArgumentError, ShapeMismatchError
 from noisejax.simulate import _key_data, _shard_map, _wrap_keys, realization_keys
@@ -110,8 +110,12 @@ def _sweep_point_fn(logits_fn, reference, scope, leaf_filter, batch_size, mesh, 
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, mesh, impl):
-    """Compiled ``(variables, wnr, key_data, grid, arrays) -> {name: (G, R)}``, cached per static setup."""
+def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, mesh, impl, loop):
+    """Compiled ``(variables, wnr, key_data, grid, arrays) -> {name: (G, R)}``, cached per static setup.
+
+    ``loop``: the realizations one after the other (``lax.map``) instead of ``vmap`` — on the
+    CPU for a model with convolutions (:func:`noisejax._backend.batched_kernels_slow`).
+    """
 
     def local(variables, wnr, key_data, grid, arrays):
         pw = _noise.noise_power(variables, wnr, reference=reference, scope=scope, leaf_filter=leaf_filter)
@@ -127,7 +131,10 @@ def _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, me
 
             return jax.lax.map(score, grid, batch_size=grid_batch_size)
 
-        return jax.vmap(one, out_axes=1)(_wrap_keys(key_data, impl))  # (G, R) per dataset
+        keys = _wrap_keys(key_data, impl)
+        if loop:  # same per-realization program; (R, G) -> (G, R)
+            return jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), jax.lax.map(one, keys))
+        return jax.vmap(one, out_axes=1)(keys)  # (G, R) per dataset
 
     return jax.jit(_over_realizations(local, mesh, 5, 2, out_axis=1))
 
@@ -277,8 +284,10 @@ def grid_accuracies(
     :func:`noisejax.denoise.compensated_grid`); ``data`` maps names to ``(x, y)``
     (e.g. ``{"val": ..., "test": ...}``: the same noisy weights are scored on each).
     At each WNR, one compiled call draws the ``R`` realizations (``fold_in(key, r)``)
-    and evaluates all ``G`` grid points on each of them (``vmap`` over realizations,
-    ``lax.map`` over the grid with ``grid_batch_size`` to bound memory).
+    and evaluates all ``G`` grid points on each of them (``vmap`` over realizations —
+    ``lax.map`` on the CPU for a model with convolutions, where vmapped kernels are slow:
+    :func:`noisejax._backend.batched_kernels_slow` — and ``lax.map`` over the grid with
+    ``grid_batch_size`` to bound memory).
     ``store``, ``store_key`` and ``on_point`` make it resumable, as in :func:`accuracy_sweep`.
     """
     n_realizations = _validate.check_int("n_realizations", n_realizations, minimum=1)
@@ -291,8 +300,10 @@ def grid_accuracies(
 
     _validate.check_real_number("wnr_db", np.asarray(wnr_db, dtype=float))
     keys, impl = _key_data(realization_keys(key, jnp.arange(n_realizations)))
+    x0 = next(iter(arrays.values()))[0]
+    loop = _backend.batched_kernels_slow(jax.make_jaxpr(logits_fn)(variables, x0))
     point = _grid_point_fn(logits_fn, reference, scope, leaf_filter, grid_batch_size, _realization_mesh(n_realizations),
-                           impl)
+                           impl, loop)
     points = _point_store(store, {"kind": "grid_accuracies", "R": n_realizations, "reference": reference, "scope": scope,
                                   "store_key": store_key}, (variables, arrays, grid, key))
     rows = []

@@ -503,6 +503,44 @@ def grid_point(grid, i):
     return jax.tree_util.tree_map(lambda a: a[i], grid)
 
 
+def test_grid_accuracies_conv_model_loops_on_cpu_with_the_same_numbers():
+    """A model with a convolution: on the CPU the realizations run in lax.map (vmapped kernels become a slow
+    grouped convolution); the numbers equal the vmapped program's and a Python loop over realizations."""
+    from noisejax import _backend, noise as nz_noise
+    from noisejax.simulate import _key_data, realization_keys
+
+    k0 = jax.random.key(3)
+    variables = {"conv": jax.random.normal(k0, (3, 2, 4)), "dense": jax.random.normal(jax.random.fold_in(k0, 1), (4 * 12, 3))}
+
+    def f(v, x):
+        h = jax.lax.conv_general_dilated(x, v["conv"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
+        return jnp.tanh(h).reshape(x.shape[0], -1) @ v["dense"]
+
+    x = jax.random.normal(jax.random.fold_in(k0, 2), (40, 12, 2))
+    y = jnp.argmax(f(variables, x), -1)
+    mlp = jax.make_jaxpr(lambda v, x: jnp.tanh(x.reshape(x.shape[0], -1)) @ v["dense"][:24])(variables, x)
+    conv = jax.make_jaxpr(f)(variables, x)
+    assert _backend.batched_kernels_slow(conv, "cpu") and not _backend.batched_kernels_slow(conv, "gpu")
+    assert not _backend.batched_kernels_slow(mlp, "cpu")
+    grid = denoise.compensated_grid([0.5, 1.0], [0.0, 0.2])
+    key, wnr = jax.random.key(9), [0.0, 6.0]
+    acc = sweeps.grid_accuracies(f, variables, {"test": (x, y)}, wnr, grid, key=key, n_realizations=3)["test"]
+    keys, impl = _key_data(realization_keys(key, jnp.arange(3)))
+    for i, w in enumerate(wnr):
+        w = jnp.asarray(w, jnp.float32)
+        for loop in (False, True):  # both programs, whichever the backend picks
+            out = sweeps._grid_point_fn(f, "variance", "global", nz_noise.default_leaf_filter, None, None, impl, loop)(
+                variables, w, keys, grid, {"test": (x, y)})
+            np.testing.assert_array_equal(np.asarray(out["test"]), acc[i])
+        pw = nz_noise.noise_power(variables, w)
+        for r in range(3):  # an independent reference: one realization and one grid point at a time, eagerly
+            noisy = nz_noise.add_weight_noise(variables, w, key=realization_keys(key, jnp.arange(3))[r])
+            for g in range(4):
+                den = grid_point(grid, g)(noisy, pw, wnr_db=w)
+                ref = float(jnp.mean(jnp.argmax(f(den, x), -1) == y))
+                assert abs(ref - acc[i, g, r]) <= 1.0 / len(y) + 1e-6  # eager vs compiled: one borderline input at most
+
+
 # ----------------------------------------------------------------------------------
 # checkpoint: safe, atomic, corruption detected
 # ----------------------------------------------------------------------------------
