@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from noisejax import data, layers, noise, train
-from noisejax.study import files
+from noisejax.study import files, models
 from noisejax.study.claims import Claim, Result
 from noisejax.study.plots import png_bytes
 
@@ -186,7 +186,7 @@ def _network(widths: tuple):
     if widths not in _NETWORKS:
         net = layers.mlp(list(widths), "sigmoid")
         acc = jax.jit(lambda p, x, y: train.accuracy(layers.apply_batch(net, p, x), y))
-        _NETWORKS[widths] = (net, jax.jit(net.init, static_argnums=1), acc)
+        _NETWORKS[widths] = (net, models.jit_init(net.init, static_argnums=1), acc)
     return _NETWORKS[widths]
 
 

