@@ -536,5 +536,9 @@ def enable_compilation_cache() -> Optional[Path]:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:  # JAX's size limit locks the entries with filelock (a dependency); without it, no limit rather than no cache
+        import filelock  # noqa: F401
+    except ImportError:
+        return path
     jax.config.update("jax_compilation_cache_max_size", _COMPILATION_CACHE_MAX_BYTES)
     return path
