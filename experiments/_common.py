@@ -186,15 +186,13 @@ def _network(widths: tuple):
     if widths not in _NETWORKS:
         net = layers.mlp(list(widths), "sigmoid")
         acc = jax.jit(lambda p, x, y: train.accuracy(layers.apply_batch(net, p, x), y))
-        _NETWORKS[widths] = (net, models.jit_init(net.init, static_argnums=1), acc)
+        _NETWORKS.setdefault(widths, (net, models.jit_init(net.init, static_argnums=1), acc))  # threads: the first wins
     return _NETWORKS[widths]
 
 
 def _adam(lr: float) -> optax.GradientTransformation:
     """One optax object per learning rate, so same-shape networks reuse the compiled training step."""
-    if lr not in _OPTIMIZERS:
-        _OPTIMIZERS[lr] = optax.adam(lr)
-    return _OPTIMIZERS[lr]
+    return _OPTIMIZERS.setdefault(lr, optax.adam(lr))  # one object also when experiments run in threads
 
 
 def trained_mlp(ds: data.Dataset, hidden: Sequence[int], *, steps: int, batch_size: int, learning_rate: float,

@@ -885,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--full", action="store_true", help="full-size configs for an accelerator")
     r.add_argument("--force", action="store_true", help="recompute finished experiments")
     r.add_argument("--data-dir", default=None, help="folder with real MNIST / CIFAR-10 files")
+    r.add_argument("--jobs", type=_int_arg("--jobs", 1), default=2, metavar="N",
+                   help="experiments run side by side (1: one after the other, each with its own progress bars)")
     r.set_defaults(func=_reproduce)
 
     lv = sub.add_parser("leaves", help="list which arrays of a .npz weight noise would perturb")

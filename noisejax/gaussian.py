@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
@@ -79,6 +80,7 @@ def fresh() -> int:
 
 
 _SQUARES: dict = {}
+_SQUARES_LOCK = threading.Lock()
 
 
 def is_square_sid(sid: int) -> bool:
@@ -91,10 +93,11 @@ _SQUARE_OF: dict = {}
 
 def square_sid(sid: int) -> int:
     """The id of the sources ``η_r = (ξ_r² − 1)/√2`` of the sources ``ξ_r`` of block ``sid`` (the same everywhere)."""
-    if sid not in _SQUARES:
-        _SQUARES[sid] = fresh()
-        _SQUARE_OF[_SQUARES[sid]] = sid
-    return _SQUARES[sid]
+    with _SQUARES_LOCK:  # one id per block, also when analyses run in threads
+        if sid not in _SQUARES:
+            _SQUARES[sid] = fresh()
+            _SQUARE_OF[_SQUARES[sid]] = sid
+        return _SQUARES[sid]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -50,6 +50,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional, Union
@@ -464,6 +465,7 @@ def _check_data(x, y) -> tuple[Any, Optional[Array]]:
 
 
 _COMPILED: "OrderedDict[Any, Any]" = OrderedDict()
+_COMPILED_LOCK = threading.Lock()  # fits may run in threads (``reproduce`` runs experiments side by side)
 _COMPILED_MAX = 32
 _BAR_EVERY = 25  # steps between progress-bar updates
 _DEFAULT_OPTIMIZER: list = []
@@ -512,10 +514,11 @@ def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) 
     leaves, treedef = jax.tree_util.tree_flatten(args)
     sig = (opt, sampler, chunk, stateful, masked, objective_def, treedef,
            tuple((tuple(l.shape), str(l.dtype), bool(getattr(l, "weak_type", False))) for l in leaves))
-    hit = _COMPILED.get(sig)
-    if hit is not None:
-        _COMPILED.move_to_end(sig)
-        return hit[0], 0.0, hit[1]
+    with _COMPILED_LOCK:
+        hit = _COMPILED.get(sig)
+        if hit is not None:
+            _COMPILED.move_to_end(sig)
+            return hit[0], 0.0, hit[1]
     t0 = time.perf_counter()
     traced = None if chunk == 1 else _make_run_chunk(opt, sampler, chunk, stateful, masked, objective_def).trace(*args)
     if traced is None or _backend.loops_slow_down(traced.jaxpr):  # one step, no loop
@@ -523,9 +526,10 @@ def _compiled_chunk(opt, sampler, chunk, stateful, masked, objective_def, args) 
         chunk = 1
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - t0
-    _COMPILED[sig] = (compiled, chunk)
-    while len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
+    with _COMPILED_LOCK:
+        _COMPILED[sig] = (compiled, chunk)
+        while len(_COMPILED) > _COMPILED_MAX:
+            _COMPILED.popitem(last=False)
     return compiled, seconds, chunk
 
 

@@ -1,7 +1,8 @@
 """Every experiment of ``experiments/`` on its tiny config, through ``noisejax reproduce``.
 
 One orchestrator run (module fixture) covers all existing experiments end to end:
-report folder, results, figures and the claims table.  Experiments whose folder does
+report folder, results, figures and the claims table.  It runs them two side by side, as
+``noisejax reproduce`` does; two of them are checked against a run alone, number for number.  Experiments whose folder does
 not exist yet are skipped with that reason.  The tiny configs check that the code
 runs and returns well-formed results; their numbers are not meant to reproduce the
 papers (the default configs do, see ``noisejax reproduce``).
@@ -25,8 +26,29 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    summary = reproduce.run(out, config="tiny", progress=False)
+    summary = reproduce.run(out, config="tiny", progress=False, jobs=2)
     return out, summary
+
+
+def _untimed(value):
+    """``value`` without its timings (keys naming seconds or timing), which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items()
+                if not any(t in k for t in ("second", "timing", "compile_s", "run_s")) and k != "cache"}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("name", ["trained_mlp_snr", "noisy_inference"])
+def test_side_by_side_equals_alone(report, tmp_path, name):
+    """Run beside other experiments (threads of one process), an experiment computes exactly what it computes alone."""
+    _require(name)
+    rec = report[1]["experiments"][name]
+    alone = reproduce.run(tmp_path, config="tiny", progress=False, only=name)["experiments"][name]
+    assert rec["side_by_side"] and rec["cpu_seconds"] is None and alone["cpu_seconds"] is not None
+    assert alone["claims"] == rec["claims"]
+    assert _untimed(alone["result"]) == _untimed(rec["result"])
 
 
 def _require(name: str):

@@ -180,6 +180,61 @@ def test_eta_is_weighted_by_expected_time():
     assert reproduce._expected_seconds("no_such_experiment", Path("/nonexistent")) > 0
 
 
+def _numbers(summary: dict) -> dict:
+    """Each experiment's status, claims and result (the numbers), without its timing."""
+    return {n: (r["status"], r.get("claims"), r.get("result")) for n, r in summary["experiments"].items()}
+
+
+def test_side_by_side(fake, tmp_path, capsys, monkeypatch):
+    """``jobs=2``: the same records and report as one after the other; the process's CPU time is the run's, not
+    an experiment's; every experiment announced, longest expected first, with what runs beside it."""
+    root, counter = fake
+    _make(root, "noisy_inference", _RUN_OK.format(png=_PNG, name="noisy_inference"))
+    alone = reproduce.run(tmp_path / "alone", config="tiny", root=root, progress=False)
+    monkeypatch.setattr(reproduce, "_EXPECTED_SECONDS", {"noisy_inference": 60.0, "trained_mlp_snr": 30.0,
+                                                         "symmetric_depth": 20.0})
+    both = reproduce.run(tmp_path / "both", config="tiny", root=root, progress=True, jobs=2)
+    assert _numbers(both) == _numbers(alone)
+    assert list(both["experiments"]) == list(reproduce.EXPERIMENTS)
+    assert (alone["jobs"], both["jobs"]) == (1, 2) and both["wall_seconds"] > 0 and both["cpu_seconds"] > 0
+    for name in ("symmetric_depth", "trained_mlp_snr", "noisy_inference"):
+        assert _count(counter, name) == 2
+        assert alone["experiments"][name]["cpu_seconds"] is not None and not alone["experiments"][name]["side_by_side"]
+        assert both["experiments"][name]["cpu_seconds"] is None and both["experiments"][name]["side_by_side"]
+    assert both["experiments"]["mitigation"]["status"] == "failed"
+    err = capsys.readouterr().err
+    started = [line.split("] ")[1].split(":")[0] for line in err.splitlines() if ": running (" in line]
+    assert started[0] == "noisy_inference" and sorted(started) == sorted(reproduce.EXPERIMENTS)
+    assert "(beside other experiments)" in err and "; beside " in err
+    report = (tmp_path / "both" / "report.md").read_text()
+    assert "| `symmetric_depth` | ok | " in report
+    # a stored result is reused side by side too
+    again = reproduce.run(tmp_path / "both", config="tiny", root=root, progress=False, jobs=3)
+    assert again["experiments"]["symmetric_depth"]["reused"] and _count(counter, "symmetric_depth") == 2
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, "2", True, None])
+def test_bad_jobs(fake, tmp_path, jobs):
+    root, _ = fake
+    with pytest.raises(InvalidArgumentError, match="jobs must be a positive integer"):
+        reproduce.run(tmp_path / "r", config="tiny", root=root, progress=False, jobs=jobs)
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_jobs(fake, tmp_path, monkeypatch, capsys):
+    root, _ = fake
+    monkeypatch.setenv("NOISEJAX_EXPERIMENTS_DIR", str(root))
+    monkeypatch.setenv(reproduce.CONFIG_ENV, "tiny")
+    out = tmp_path / "r"
+    assert cli.main(["reproduce", "--jobs", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--jobs must be >= 1, got 0" in err and "\n" not in err and not out.exists()
+    assert cli.main(["reproduce", "--out", str(out), "--jobs", "1"]) == 1  # mitigation fails
+    assert json.loads((out / "results.json").read_text())["jobs"] == 1
+    assert cli.main(["reproduce", "--out", str(out), "--force"]) == 1
+    assert json.loads((out / "results.json").read_text())["jobs"] == 2  # the default
+
+
 def test_rerun_reuses_and_force_recomputes(fake, tmp_path):
     root, counter = fake
     out = tmp_path / "report"

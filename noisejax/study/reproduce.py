@@ -62,6 +62,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -304,8 +305,13 @@ def _execute(exp: Experiment, config: Any, work: Path, data_dir: Optional[str], 
     return result, time.perf_counter() - t0, time.process_time() - c0
 
 
-def _run_one(name: str, *, out: Path, config_name: str, force: bool, data_dir: Optional[str], progress: bool, root: Path) -> dict:
-    """Run (or reuse) one experiment; never raises for a failing experiment."""
+def _run_one(name: str, *, out: Path, config_name: str, force: bool, data_dir: Optional[str], progress: bool, root: Path,
+             alone: bool = True) -> dict:
+    """Run (or reuse) one experiment; never raises for a failing experiment.
+
+    ``alone=False``: other experiments ran in the same process meanwhile, so the process's
+    CPU time over this one's run is not its own (``cpu_seconds`` is then ``None``).
+    """
     if name not in available(root):
         return {"name": name, "status": "missing", "error": f"experiments/{name}/ (config.py + run.py) does not exist yet"}
     run_dir = safe_join(out, "runs", name)
@@ -333,11 +339,12 @@ def _run_one(name: str, *, out: Path, config_name: str, force: bool, data_dir: O
         result, wall, cpu = _execute(exp, config, work, data_dir, progress)
         figures, notes = _collect_figures(result, work, out, name)
     except Exception as e:
-        return _failed(name, run_dir, e, time.perf_counter() - t0, time.process_time() - c0, "run")
+        return _failed(name, run_dir, e, time.perf_counter() - t0, time.process_time() - c0 if alone else None, "run")
     record = write_checked_json(record_path, {
         "format": RECORD_FORMAT, "name": name, "config_name": config_name, "config": to_jsonable(config),
         "fingerprint": fp, "status": "ok", "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": wall, "cpu_seconds": cpu, "result": result.to_json(),
+        "wall_seconds": wall, "cpu_seconds": cpu if alone else None, "side_by_side": not alone,
+        "result": result.to_json(),
         "claims": [c.to_json() for c in result.claims], "figures": figures, "notes": notes,
     })
     if (run_dir / "error.log").exists():
@@ -415,14 +422,21 @@ def _note(progress: bool, msg: str) -> None:
 
 class _Progress:
     """Progress of a reproduce run: a bar weighted by each experiment's expected time on a
-    terminal; plain lines (no carriage returns) when stderr is a log file or a pipe."""
+    terminal; plain lines (no carriage returns) when stderr is a log file or a pipe.
 
-    def __init__(self, names: list, out: Path, progress: bool):
-        self.names, self.progress = names, progress
+    Safe to call from the threads of a side-by-side run (``jobs > 1``): the estimate of the
+    time left is then the remaining experiments' expected time shared over the ``jobs`` lanes.
+    """
+
+    def __init__(self, names: list, out: Path, progress: bool, jobs: int = 1):
+        self.names, self.progress, self.jobs = names, progress, jobs
         self.interactive = progress and _isatty(sys.stderr)
         self.expected = {n: _expected_seconds(n, out) for n in names}
         self.actual_done = self.expected_done = 0.0  # computed (not reused) experiments: the machine's speed
+        self.pending = list(names)  # not finished yet
+        self.running: list = []
         self.t_start = time.perf_counter()
+        self._lock = threading.Lock()
         self.bar = None
         if self.interactive:
             from tqdm.auto import tqdm
@@ -431,31 +445,44 @@ class _Progress:
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed{postfix}", position=0)
 
     def _eta(self, names: list) -> float:
-        return _eta_seconds([self.expected[n] for n in names], self.actual_done, self.expected_done)
+        lanes = max(1, min(self.jobs, len(names)))
+        return _eta_seconds([self.expected[n] for n in names], self.actual_done, self.expected_done) / lanes
 
     def start(self, i: int) -> str:
-        name = self.names[i]
-        step = f"[{i + 1}/{len(self.names)}] {name}"
-        eta = self._eta(self.names[i:])
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{step}, about {_duration(eta)} left", refresh=True)
-        elif self.progress:
-            _note(True, f"{step}: running (expected ~{_duration(self._eta([name]))}; all remaining ~{_duration(eta)}; "
-                        f"{_duration(time.perf_counter() - self.t_start)} elapsed)")
-        return step
+        with self._lock:
+            name = self.names[i]
+            step = f"[{i + 1}/{len(self.names)}] {name}"
+            self.running.append(name)
+            eta = self._eta(self.pending)
+            if self.bar is not None:
+                what = step if self.jobs == 1 else "running " + ", ".join(self.running)
+                self.bar.set_postfix_str(f"{what}, about {_duration(eta)} left", refresh=True)
+            elif self.progress:
+                beside = "" if len(self.running) == 1 else f"; beside {', '.join(n for n in self.running if n != name)}"
+                _note(True, f"{step}: running (expected ~{_duration(self._eta([name]))}; all remaining ~{_duration(eta)}; "
+                            f"{_duration(time.perf_counter() - self.t_start)} elapsed{beside})")
+            return step
 
     def done(self, step: str, name: str, rec: dict) -> None:
-        if rec["status"] == "ok" and not rec.get("reused") and rec.get("wall_seconds"):
-            self.actual_done += rec["wall_seconds"]
-            self.expected_done += self.expected[name]
-        if self.progress:
-            if rec["status"] == "ok":
-                how = "reused" if rec.get("reused") else f"done in {rec['wall_seconds']:.1f} s (CPU {rec['cpu_seconds']:.1f} s)"
-            else:
-                how = f"{rec['status']}: {rec.get('error', '')}"
-            _note(True, f"{step}: {how}")
-        if self.bar is not None:
-            self.bar.update(round(self.expected[name], 1))
+        with self._lock:
+            self.pending.remove(name)
+            self.running.remove(name)
+            if rec["status"] == "ok" and not rec.get("reused") and rec.get("wall_seconds"):
+                # side by side, an experiment's wall time is shared with the other lanes'
+                self.actual_done += rec["wall_seconds"] / (self.jobs if rec.get("side_by_side") else 1)
+                self.expected_done += self.expected[name]
+            if self.progress:
+                if rec["status"] != "ok":
+                    how = f"{rec['status']}: {rec.get('error', '')}"
+                elif rec.get("reused"):
+                    how = "reused"
+                elif rec.get("cpu_seconds") is None:
+                    how = f"done in {rec['wall_seconds']:.1f} s (beside other experiments)"
+                else:
+                    how = f"done in {rec['wall_seconds']:.1f} s (CPU {rec['cpu_seconds']:.1f} s)"
+                _note(True, f"{step}: {how}")
+            if self.bar is not None:
+                self.bar.update(round(self.expected[name], 1))
 
     def close(self) -> None:
         if self.bar is not None:
@@ -538,8 +565,17 @@ def run(
     data_dir: Optional[PathLike] = None,
     progress: bool = True,
     root: Optional[PathLike] = None,
+    jobs: int = 1,
 ) -> dict:
     """Run (or reuse) the experiments and write the report folder; returns the summary.
+
+    With ``jobs > 1`` up to ``jobs`` experiments run side by side in threads of this
+    process, the longest expected first.  XLA compiles one program at a time on well
+    under two cores and a running program leaves cores idle between its kernels; a
+    second experiment fills them (``noisejax reproduce`` runs 2 by default).  Every
+    experiment's numbers are the same as when run alone (each computes with its own
+    programs and keys; tested); its ``cpu_seconds`` is then ``None`` (the process's CPU time
+    is shared) and the summary's ``wall_seconds`` / ``cpu_seconds`` are those of the whole run.
 
     Args:
       out: report folder (created; must be writable).
@@ -549,31 +585,71 @@ def run(
       data_dir: folder with real MNIST / CIFAR-10 files, passed to every experiment's ``main``.
       progress: tqdm bars and status lines on stderr.
       root: the experiments folder (default :func:`experiments_dir`).
+      jobs: experiments run at the same time (``1``: one after the other, in report order,
+        each with its own progress bars).
 
     Returns:
-      ``{"config", "experiments": {name: record}, ...}`` as written to ``results.json``;
+      ``{"config", "experiments": {name: record}, "jobs", "wall_seconds", "cpu_seconds", ...}``
+      as written to ``results.json``;
       a record's ``status`` is ``ok``, ``failed``, ``missing`` or ``not run``.
     """
     data_dir, base = _check_arguments(config, only, data_dir, root)
+    jobs = _check_jobs(jobs)
     out_path = _prepare_out(out)
     names = [only] if only else list(EXPERIMENTS)
+    jobs = min(jobs, len(names))
     records: dict[str, dict] = {}
-    bar = _Progress(names, out_path, progress)
+    bar = _Progress(names, out_path, progress, jobs)
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def one(i: int) -> None:
+        step = bar.start(i)
+        records[names[i]] = _run_one(names[i], out=out_path, config_name=config, force=force, data_dir=data_dir,
+                                     progress=bar.interactive and jobs == 1, root=base, alone=jobs == 1)
+        bar.done(step, names[i], records[names[i]])
+
     try:
-        for i, name in enumerate(names):
-            step = bar.start(i)
-            records[name] = _run_one(name, out=out_path, config_name=config, force=force, data_dir=data_dir,
-                                     progress=bar.interactive, root=base)
-            bar.done(step, name, records[name])
+        if jobs == 1:
+            for i in range(len(names)):
+                one(i)
+        else:
+            _side_by_side(one, sorted(range(len(names)), key=lambda i: -bar.expected[names[i]]), jobs)
     finally:
         bar.close()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ordered = {n: records[n] if n in records else _stored_or_absent(n, out_path, config, base) for n in EXPERIMENTS}
-    summary = _summary(config, only, ordered)
+    summary = dict(_summary(config, only, ordered), jobs=jobs, wall_seconds=wall, cpu_seconds=cpu)
     atomic_write_json(out_path / "results.json", summary)
     write_report(out_path, summary)
     if progress:
         _note(progress, f"report written to {out_path / 'report.md'}")
     return summary
+
+
+def _check_jobs(jobs: Any) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InvalidArgumentError(f"jobs must be a positive integer (experiments run side by side), got {jobs!r}")
+    return jobs
+
+
+def _side_by_side(one: Callable[[int], None], order: list, jobs: int) -> None:
+    """``one(i)`` for every ``i`` of ``order`` on ``jobs`` threads, started in that order.
+
+    ``one`` never raises for a failing experiment (:func:`_run_one`); anything else (a bug,
+    ``KeyboardInterrupt`` in the waiting thread) cancels the experiments not started yet
+    and is raised once the running ones are left (they cannot be stopped from outside:
+    the CLI exits the process at once).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="reproduce")
+    try:
+        for fut in [pool.submit(one, i) for i in order]:
+            fut.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def main(args) -> int:
@@ -592,6 +668,7 @@ def main(args) -> int:
         force=bool(getattr(args, "force", False)),
         data_dir=getattr(args, "data_dir", None),
         progress=True,
+        jobs=getattr(args, "jobs", 1),
     )
     selected = [summary["experiments"][args.only]] if getattr(args, "only", None) else summary["experiments"].values()
     return 1 if any(r["status"] == "failed" for r in selected) else 0
