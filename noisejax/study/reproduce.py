@@ -570,8 +570,8 @@ def run(
     """Run (or reuse) the experiments and write the report folder; returns the summary.
 
     With ``jobs > 1`` up to ``jobs`` experiments run side by side in threads of this
-    process, the longest expected first.  XLA compiles one program at a time on well
-    under two cores and a running program leaves cores idle between its kernels; a
+    process, the longest expected first.  XLA compiles one program at a time on about
+    1.7 of two cores (measured) and a running program leaves cores idle between its kernels; a
     second experiment fills them (``noisejax reproduce`` runs 2 by default).  Every
     experiment's numbers are the same as when run alone (each computes with its own
     programs and keys; tested); its ``cpu_seconds`` is then ``None`` (the process's CPU time
