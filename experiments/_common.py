@@ -192,7 +192,8 @@ def _network(widths: tuple):
 
 def _adam(lr: float) -> optax.GradientTransformation:
     """One optax object per learning rate, so same-shape networks reuse the compiled training step."""
-    return _OPTIMIZERS.setdefault(lr, optax.adam(lr))  # one object also when experiments run in threads
+    opt = _OPTIMIZERS.get(lr)
+    return opt if opt is not None else _OPTIMIZERS.setdefault(lr, optax.adam(lr))  # threads: one object per lr
 
 
 def trained_mlp(ds: data.Dataset, hidden: Sequence[int], *, steps: int, batch_size: int, learning_rate: float,
