@@ -248,6 +248,26 @@ def test_cnn_analytic_does_not_depend_on_the_batch(cnn):
         np.testing.assert_allclose(np.asarray(b)[:3], np.asarray(s), rtol=2e-4, atol=1e-9)
 
 
+def test_cnn_analytic_in_chunks_gives_the_same_numbers(cnn):
+    """Examples analysed ``batch_size`` at a time (a padded ``lax.scan``): chunk sizes of 3 and 5 on 7 examples
+    (padding 2 and 3) agree bitwise; all at once (``vmap``) and one padded chunk agree up to float rounding."""
+    model, variables, _, _ = cnn
+    kw = dict(neuron=noise.NeuronNoise(add_uncorrelated=1e-3), weight=noise.AdditiveWeightNoise(25.0), taps="activations")
+    x7 = jnp.asarray(data.load_digits(seed=0).x_test[:7].reshape(-1, 8, 8, 1) / 16.0, jnp.float32)
+    runs = {b: noisejax.analytic(model.apply, batch_size=b, **kw)(variables, x7) for b in (3, 5, 16, None)}
+    leaves = {b: jax.tree_util.tree_leaves((r.mean, r.var)) for b, r in runs.items()}
+    assert all(np.shape(a)[0] == 7 for a in leaves[3])
+    for a, b in zip(leaves[3], leaves[5]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for other in (16, None):
+        for a, b in zip(leaves[3], leaves[other]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
+    with pytest.raises(errors.InvalidArgumentError, match="batch_size must be a positive integer"):
+        noisejax.analytic(model.apply, batch_size=0, **kw)
+    with pytest.raises(errors.InvalidArgumentError, match="batch_size"):
+        noisejax.analytic(model.apply, batch_size=True, **kw)
+
+
 class ConvPool(nn.Module):
     @nn.compact
     def __call__(self, x):
