@@ -969,7 +969,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "command", None):
             parser.print_help(sys.stderr)
             return _EXIT_USAGE
-        if args.command == "reproduce":  # the cores as JAX devices: sharded runs go side by side
+        if args.command == "reproduce" and args.jobs == 1:  # the cores as JAX devices: sharded runs go side by side
+            # (not with experiments side by side: their lanes fill the cores, and a sharded program's
+            # collectives would wait on devices the other lane holds; see reproduce.run)
             from noisejax import _backend
 
             _backend.use_host_devices()

@@ -213,6 +213,16 @@ def test_side_by_side(fake, tmp_path, capsys, monkeypatch):
     assert again["experiments"]["symmetric_depth"]["reused"] and _count(counter, "symmetric_depth") == 2
 
 
+def test_several_devices_run_one_after_the_other(fake, tmp_path, capsys, monkeypatch):
+    """Sharded programs side by side can wait forever in their collectives: with several devices, jobs=1."""
+    root, _ = fake
+    monkeypatch.setattr(reproduce, "_device_count", lambda: 2)
+    res = reproduce.run(tmp_path / "r", config="tiny", root=root, progress=True, jobs=2)
+    err = capsys.readouterr().err
+    assert res["jobs"] == 1 and "2 devices: experiments run one after the other (jobs=1), not 2 side by side" in err
+    assert "beside" not in err and not any(r.get("side_by_side") for r in res["experiments"].values())
+
+
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, "2", True, None])
 def test_bad_jobs(fake, tmp_path, jobs):
     root, _ = fake
@@ -229,10 +239,14 @@ def test_cli_jobs(fake, tmp_path, monkeypatch, capsys):
     assert cli.main(["reproduce", "--jobs", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--jobs must be >= 1, got 0" in err and "\n" not in err and not out.exists()
+    from noisejax import _backend
+
+    split = []  # the CPU is split into devices only for experiments one after the other
+    monkeypatch.setattr(_backend, "use_host_devices", lambda *a, **k: split.append(1) or "set")
     assert cli.main(["reproduce", "--out", str(out), "--jobs", "1"]) == 1  # mitigation fails
-    assert json.loads((out / "results.json").read_text())["jobs"] == 1
+    assert json.loads((out / "results.json").read_text())["jobs"] == 1 and split == [1]
     assert cli.main(["reproduce", "--out", str(out), "--force"]) == 1
-    assert json.loads((out / "results.json").read_text())["jobs"] == 2  # the default
+    assert json.loads((out / "results.json").read_text())["jobs"] == 2 and split == [1]  # the default
 
 
 def test_rerun_reuses_and_force_recomputes(fake, tmp_path):

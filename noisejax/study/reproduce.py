@@ -586,7 +586,13 @@ def run(
       progress: tqdm bars and status lines on stderr.
       root: the experiments folder (default :func:`experiments_dir`).
       jobs: experiments run at the same time (``1``: one after the other, in report order,
-        each with its own progress bars).
+        each with its own progress bars). With several devices (e.g. the CPU split by
+        ``--xla_force_host_platform_device_count``) the experiments run one after the other
+        whatever ``jobs`` says, with a note: a program sharded over the devices would wait in
+        its collectives for a device the other experiment's program holds (measured: XLA:CPU
+        aborted ``noisejax reproduce`` after 40 s when ``trained_mlp_snr``'s sharded engine ran
+        beside ``pcm_drift``). ``noisejax reproduce`` splits the CPU into devices only with
+        ``--jobs 1``.
 
     Returns:
       ``{"config", "experiments": {name: record}, "jobs", "wall_seconds", "cpu_seconds", ...}``
@@ -598,6 +604,11 @@ def run(
     out_path = _prepare_out(out)
     names = [only] if only else list(EXPERIMENTS)
     jobs = min(jobs, len(names))
+    if jobs > 1 and _device_count() > 1:
+        _note(progress, f"{_device_count()} devices: experiments run one after the other (jobs=1), not {jobs} side by side "
+                        "(a program sharded over the devices waits in its collectives for devices the other experiment "
+                        "holds; XLA:CPU aborts the process after 40 s)")
+        jobs = 1
     records: dict[str, dict] = {}
     bar = _Progress(names, out_path, progress, jobs)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -624,6 +635,13 @@ def run(
     if progress:
         _note(progress, f"report written to {out_path / 'report.md'}")
     return summary
+
+
+def _device_count() -> int:
+    """This process's JAX devices (starts the backend)."""
+    import jax
+
+    return jax.local_device_count()
 
 
 def _check_jobs(jobs: Any) -> int:
