@@ -881,13 +881,13 @@ def analytic(
       taps: as for :func:`noisy`: ``pred.mean`` and ``pred.var`` become
         ``(fn's output, tuple per tapped site)``.
       batch_size: with ``batch_axes=1``, the examples analysed together: ``batch_size``
-        at a time, one chunk after the other (``lax.map``; the batch is padded to a
+        at a time, one chunk after the other (a ``lax.scan``; the batch is padded to a
         multiple of it with copies of its last example, which are dropped). Memory grows
         with it: a factored state holds one column per noise source and example (a
         MNIST-1D ResNet with kernel noise: ≈ 9 MB per example). ``None``: the whole batch
-        at once (``vmap``). Chunks of any size give the same numbers on the CPU (checked
-        bitwise in ``tests/test_interpret.py``); all at once differs from them by float
-        rounding only.
+        at once (``vmap``). Chunk sizes that split the batch give bitwise the same numbers
+        on the CPU (tested); one chunk for the whole batch, or ``None``, differ from them
+        by float rounding only.
 
     Returns:
       ``analytic_fn(*args)``, jit-compiled per argument structure and shapes.
