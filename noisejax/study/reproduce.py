@@ -604,8 +604,9 @@ def run(
     out_path = _prepare_out(out)
     names = [only] if only else list(EXPERIMENTS)
     jobs = min(jobs, len(names))
-    if jobs > 1 and _device_count() > 1:
-        _note(progress, f"{_device_count()} devices: experiments run one after the other (jobs=1), not {jobs} side by side "
+    devices = _device_count() if jobs > 1 else 1
+    if devices > 1:
+        _note(progress, f"{devices} devices: experiments run one after the other (jobs=1), not {jobs} side by side "
                         "(a program sharded over the devices waits in its collectives for devices the other experiment "
                         "holds; XLA:CPU aborts the process after 40 s)")
         jobs = 1
