@@ -885,9 +885,9 @@ def analytic(
         multiple of it with copies of its last example, which are dropped). Memory grows
         with it: a factored state holds one column per noise source and example (a
         MNIST-1D ResNet with kernel noise: ≈ 9 MB per example). ``None``: the whole batch
-        at once (``vmap``). Chunk sizes that split the batch give bitwise the same numbers
-        on the CPU (tested); one chunk for the whole batch, or ``None``, differ from them
-        by float rounding only.
+        at once (``vmap``). Every chunk size gives the same numbers up to float
+        rounding (tested); bitwise only where the backend's kernels do not depend on the
+        batch size (on some CPUs XLA's convolutions block their sums by it).
 
     Returns:
       ``analytic_fn(*args)``, jit-compiled per argument structure and shapes.

@@ -250,18 +250,22 @@ def test_cnn_analytic_does_not_depend_on_the_batch(cnn):
 
 def test_cnn_analytic_in_chunks_gives_the_same_numbers(cnn):
     """Examples analysed ``batch_size`` at a time (a padded ``lax.scan``): chunk sizes of 3 and 5 on 7 examples
-    (padding 2 and 3) agree bitwise; all at once (``vmap``) and one padded chunk agree up to float rounding."""
+    (padding 2 and 3), one padded chunk (16) and all at once (``vmap``) agree up to float32 rounding.
+
+    Not bitwise in general: XLA:CPU's convolution kernels block their reduction by the
+    batch size on some CPUs (chunks of 3 and 5 agreed bitwise on one CPU, and differed by
+    4.5e-7 of the largest output on an AVX2 AMD EPYC, jaxlib 0.10.2)."""
     model, variables, _, _ = cnn
     kw = dict(neuron=noise.NeuronNoise(add_uncorrelated=1e-3), weight=noise.AdditiveWeightNoise(25.0), taps="activations")
     x7 = jnp.asarray(data.load_digits(seed=0).x_test[:7].reshape(-1, 8, 8, 1) / 16.0, jnp.float32)
     runs = {b: noisejax.analytic(model.apply, batch_size=b, **kw)(variables, x7) for b in (3, 5, 16, None)}
     leaves = {b: jax.tree_util.tree_leaves((r.mean, r.var)) for b, r in runs.items()}
     assert all(np.shape(a)[0] == 7 for a in leaves[3])
-    for a, b in zip(leaves[3], leaves[5]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for other in (16, None):
+    for other in (5, 16, None):
         for a, b in zip(leaves[3], leaves[other]):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            # float32 rounding of sums whose terms reach the leaf's largest value (a few ulps of it)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
     with pytest.raises(errors.InvalidArgumentError, match="batch_size must be a positive integer"):
         noisejax.analytic(model.apply, batch_size=0, **kw)
     with pytest.raises(errors.InvalidArgumentError, match="batch_size"):
