@@ -160,8 +160,10 @@ def test_gaussian_max_is_accurate_in_float32_for_correlated_high_snr_inputs():
     mb = ma + rng_np.normal(size=n) * 3e-5
     la, lb = shared + da, shared.copy()
 
+    shared_sid = G.fresh()  # one source set loaded by both values
+
     def state(m, cols, ind):
-        return G.Gaussian(jnp.asarray(m, jnp.float32), (G.Dense(7, jnp.asarray(cols, jnp.float32)),
+        return G.Gaussian(jnp.asarray(m, jnp.float32), (G.Dense(shared_sid, jnp.asarray(cols, jnp.float32)),
                                                         G.Diag(G.fresh(), jnp.asarray(ind, jnp.float32))))
 
     def moments_of_max(ma, mb, la, lb, ia, ib):
