@@ -978,7 +978,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("propagate", "demo", "reproduce"):
             from noisejax.study import files
 
-            files.enable_compilation_cache()  # compiled programs are reused by the next run
+            with files.compilation_cache():  # compiled programs are reused by the next run
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0

@@ -65,6 +65,52 @@ def test_compilation_cache_can_be_switched_off(monkeypatch, tmp_path):
     assert study_files.compilation_cache_dir() == tmp_path / "nj" / "jax-compilation"
 
 
+def test_prune_compilation_cache_drops_the_least_recently_used_entries(tmp_path):
+    sizes = [300, 200, 500, 100]  # entry i last used at time 1000 + 100 i
+    for i, size in enumerate(sizes):
+        (tmp_path / f"k{i}-cache").write_bytes(b"x" * size)
+        (tmp_path / f"k{i}-atime").write_bytes(b"t")  # JAX's own LRU stamp, deleted with its entry
+        os.utime(tmp_path / f"k{i}-cache", (1000 + 100 * i, 1000 + 100 * i))
+    (tmp_path / "notes.txt").write_text("not an entry")
+    assert study_files.prune_compilation_cache(tmp_path, max_bytes=1100) == 0  # 1100 bytes: nothing to do
+    # 600 bytes: drop k0 (300, oldest) and k1 (200) -> 600 left
+    assert study_files.prune_compilation_cache(tmp_path, max_bytes=600) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k2-atime", "k2-cache", "k3-atime", "k3-cache", "notes.txt"]
+    os.utime(tmp_path / "k2-cache", (5000, 1200))  # k2 read since: now the most recently used
+    assert study_files.prune_compilation_cache(tmp_path, max_bytes=550) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k2-atime", "k2-cache", "notes.txt"]
+    assert study_files.prune_compilation_cache(tmp_path / "missing") == 0
+    with pytest.raises(study_files.InvalidArgumentError, match="max_bytes"):
+        study_files.prune_compilation_cache(tmp_path, max_bytes=-1)
+
+
+def test_compilation_cache_is_on_only_inside_the_command(monkeypatch, tmp_path):
+    """The command line switches JAX's cache on for one command; programs compiled afterwards in
+    the same process (a test suite, a notebook calling cli.main) are not written to disk."""
+    from noisejax import cli
+
+    if jax.config.jax_compilation_cache_dir:
+        pytest.skip("a JAX compilation cache folder is configured for this process")
+    cache = tmp_path / "c"
+    monkeypatch.setenv(study_files.COMPILATION_CACHE_ENV, str(cache))
+
+    def written():
+        return sorted(p.name for p in cache.glob("*-cache"))
+
+    x = jnp.ones(7)
+    with study_files.compilation_cache() as path:
+        assert path == cache and jax.config.jax_compilation_cache_dir == str(cache)
+        jax.jit(lambda a: a * 3.0 + 1.0)(x).block_until_ready()
+        inside = written()
+    assert [n.split("-")[0] for n in inside] == ["jit__lambda"]
+    assert jax.config.jax_compilation_cache_dir is None
+    jax.jit(lambda a: a * 5.0 - 2.0)(x).block_until_ready()
+    assert written() == inside  # nothing written after the block
+    # the command line restores the settings even when the command fails
+    assert cli.main(["reproduce", "--only", "no_such_experiment", "--out", str(tmp_path / "r")]) != 0
+    assert jax.config.jax_compilation_cache_dir is None
+
+
 def test_new_closure_with_the_same_structure_does_not_recompile():
     net = layers.mlp([5, 7, 3], "tanh")
     _, params = net.init(jax.random.key(0), (5,))

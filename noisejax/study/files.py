@@ -19,7 +19,8 @@ Everything noisejax writes to disk goes through this module (no pickle anywhere)
   ``noisejax.sweeps.accuracy_sweep(..., store=PointStore(folder))``).
 * :func:`save` / :func:`load` / :func:`cached` — parameter pytrees (msgpack, checksummed
   header) and the load-or-build cache of trained models and denoisers.
-* :func:`enable_compilation_cache` — JAX's persistent compilation cache for the command line.
+* :func:`compilation_cache` — JAX's persistent compilation cache for the duration of a command
+  (:func:`enable_compilation_cache`, pruned once per command by :func:`prune_compilation_cache`).
 
 Example::
 
@@ -30,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -41,7 +43,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,8 @@ __all__ = [
     "COMPILATION_CACHE_ENV",
     "compilation_cache_dir",
     "enable_compilation_cache",
+    "compilation_cache",
+    "prune_compilation_cache",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -493,6 +497,7 @@ def cached(
 #: Environment variable: the folder of JAX's persistent compilation cache, or ``off``.
 COMPILATION_CACHE_ENV = "NOISEJAX_COMPILATION_CACHE"
 _COMPILATION_CACHE_MAX_BYTES = 1 << 30
+_CACHE_SUFFIX, _ATIME_SUFFIX = "-cache", "-atime"  # JAX's file names: <key>-cache, <key>-atime
 
 
 def compilation_cache_dir() -> Optional[Path]:
@@ -512,15 +517,65 @@ def compilation_cache_dir() -> Optional[Path]:
     return default_cache_dir() / "jax-compilation"
 
 
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                  "jax_persistent_cache_min_entry_size_bytes")
+
+
+def prune_compilation_cache(path: PathLike, max_bytes: int = _COMPILATION_CACHE_MAX_BYTES) -> int:
+    """Delete the least recently used entries of a compilation-cache folder until it holds at most ``max_bytes``.
+
+    Recency is a file's last access or modification time, whichever is later.  One
+    scan of the folder: called once when a command starts (:func:`compilation_cache`),
+    not on every write — JAX's own size limit (``jax_compilation_cache_max_size``)
+    scans the whole folder on every compiled program it writes, which made a
+    2 900-entry cache cost ≈ 0.5 s per compilation.  Returns the number of entries
+    deleted; entries another process deletes meanwhile are skipped.
+
+    Example::
+
+        >>> prune_compilation_cache(compilation_cache_dir(), max_bytes=256 << 20)
+    """
+    max_bytes = int(max_bytes)
+    if max_bytes < 0:
+        raise InvalidArgumentError(f"max_bytes must be >= 0, got {max_bytes}")
+    entries, total = [], 0
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if not e.name.endswith(_CACHE_SUFFIX):
+                    continue
+                try:
+                    st = e.stat()
+                except OSError:
+                    continue
+                entries.append((max(st.st_atime, st.st_mtime), e.path, st.st_size))
+                total += st.st_size
+    except OSError:
+        return 0
+    removed = 0
+    for _, entry, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        for victim in (entry, entry[: -len(_CACHE_SUFFIX)] + _ATIME_SUFFIX):  # JAX's LRU stamp, if any
+            try:
+                os.unlink(victim)
+            except OSError:
+                pass
+        total -= size
+        removed += 1
+    return removed
+
+
 def enable_compilation_cache() -> Optional[Path]:
-    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir`.
+    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir`, for the rest of the process.
 
     The second run of the same command loads its compiled programs from disk instead
-    of compiling them (every program, however fast it compiled; at most 1 GiB,
-    least recently used entries go first).  Leaves a cache folder the user configured
-    for JAX (``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``) alone.
-    Returns the folder in use, or ``None``.  Called by the ``noisejax`` command line
-    (``propagate``, ``demo``, ``reproduce``), not on import.
+    of compiling them (every program, however fast it compiled).  The folder is first
+    pruned to 1 GiB (:func:`prune_compilation_cache`, least recently used entries
+    first).  Leaves a cache folder the user configured for JAX
+    (``JAX_COMPILATION_CACHE_DIR`` / ``jax_compilation_cache_dir``) alone.  Returns the
+    folder in use, or ``None``.  The command line uses :func:`compilation_cache`, which
+    switches the cache off again when the command returns.
     """
     current = jax.config.jax_compilation_cache_dir
     if current:
@@ -533,12 +588,36 @@ def enable_compilation_cache() -> Optional[Path]:
     except OSError as exc:
         warnings.warn(f"compilation cache disabled: cannot create {path} ({exc})")
         return None
+    prune_compilation_cache(path)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    try:  # JAX's size limit locks the entries with filelock (a dependency); without it, no limit rather than no cache
-        import filelock  # noqa: F401
-    except ImportError:
-        return path
-    jax.config.update("jax_compilation_cache_max_size", _COMPILATION_CACHE_MAX_BYTES)
     return path
+
+
+@contextlib.contextmanager
+def compilation_cache() -> Iterator[Optional[Path]]:
+    """:func:`enable_compilation_cache` for the duration of a ``with`` block (the command line's commands).
+
+    On exit the JAX settings it changed are restored and JAX's cache is reset, so a
+    caller that runs a command in its own process (``noisejax.cli.main([...])``, a test)
+    does not go on writing every program it compiles afterwards to disk.  Yields the
+    folder in use, or ``None``.
+
+    Example::
+
+        >>> with compilation_cache():
+        ...     run_the_command()
+    """
+    before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+    path = enable_compilation_cache()
+    changed = bool(path) and not before["jax_compilation_cache_dir"]
+    try:
+        yield path
+    finally:
+        if changed:
+            for name, value in before.items():
+                jax.config.update(name, value)
+            from jax.experimental.compilation_cache import compilation_cache as _jax_cache
+
+            _jax_cache.reset_cache()
