@@ -528,8 +528,9 @@ def prune_compilation_cache(path: PathLike, max_bytes: int = _COMPILATION_CACHE_
     scan of the folder: called once when a command starts (:func:`compilation_cache`),
     not on every write — JAX's own size limit (``jax_compilation_cache_max_size``)
     scans the whole folder on every compiled program it writes, which made a
-    2 900-entry cache cost ≈ 0.5 s per compilation.  Returns the number of entries
-    deleted; entries another process deletes meanwhile are skipped.
+    2 900-entry folder cost ≈ 0.3 s per newly compiled program (0.09 ms per entry on a
+    2-core CPU).  Returns the number of entries deleted; entries another process
+    deletes meanwhile are skipped.
 
     Example::
 
