@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import difflib
 import io
 import json
@@ -975,12 +976,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from noisejax import _backend
 
             _backend.use_host_devices()
+        cache = contextlib.nullcontext()
         if args.command in ("propagate", "demo", "reproduce"):
             from noisejax.study import files
 
-            with files.compilation_cache():  # compiled programs are reused by the next run
-                return int(args.func(args) or 0)
-        return int(args.func(args) or 0)
+            cache = files.compilation_cache()  # compiled programs are reused by the next run
+        with cache:
+            return int(args.func(args) or 0)
     except SystemExit as e:  # --help, --version
         return e.code if isinstance(e.code, int) else 0
     except (_CliError, NoisejaxError) as e:
