@@ -13,6 +13,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from noisejax import denoise, noise, sweeps
@@ -442,6 +443,89 @@ def test_learned_gradient_finite_and_training_lowers_objective(tiny_model):
             assert not np.allclose(np.asarray(c0["direction"]), np.asarray(c1["direction"]))
     np.testing.assert_allclose(  # retarget is idempotent on the trained denoiser
         np.asarray(denoise.retarget(den, variables).coef[1]["target"]), np.asarray(den.coef[1]["target"]), rtol=1e-6)
+
+
+def _variants(params, **kw):
+    return [denoise.init_learned(params, projection=v == "projection", common_mode=v == "common", **kw)
+            for v in ("affine", "common", "projection")]
+
+
+def test_gated_variants_share_one_structure_and_ungate_back_exactly(tiny_model):
+    """gate_learned: one tree structure for all variants; the gated forward is the plain one bit for bit
+    (eager and jit); ungate_learned restores each variant's own structure and values."""
+    _, variables, _, _ = tiny_model
+    rs = np.random.default_rng(3)
+    plain = []
+    for d in _variants(variables, wnr_range=(-6.0, 10.0)):  # non-zero coefficients: every term counts
+        leaves, tdef = jax.tree_util.tree_flatten(d)
+        plain.append(jax.tree_util.tree_unflatten(tdef, [a + jnp.asarray(0.2 * rs.standard_normal(a.shape), a.dtype)
+                                                        for a in leaves]))
+    gated = denoise.gate_learned(plain)
+    assert len({jax.tree_util.tree_structure(g) for g in gated}) == 1
+    assert len({jax.tree_util.tree_structure(d) for d in plain}) == 3
+    pw = noise.noise_power(variables, 2.0)
+    noisy = noise.add_weight_noise(variables, 2.0, key=jax.random.key(4))
+    call = lambda d, x: d(x, pw, wnr_db=jnp.float32(2.0))  # noqa: E731
+    for d, g in zip(plain, gated):
+        back = denoise.ungate_learned(g)
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(d)
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(d)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for fn in (call, jax.jit(call)):
+            for a, b in zip(jax.tree_util.tree_leaves(fn(g, noisy)), jax.tree_util.tree_leaves(fn(d, noisy))):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gated_training_compiles_once_and_matches_plain_training(tiny_model):
+    """The three variants trained in their gated form: one compiled program; gates and switched-off parts
+    exactly unchanged (no gradient reaches them); the coefficients equal to the plain trainings' up to the
+    rounding of a differently fused program (the affine variant: both parts off; the projection: one on)."""
+    from noisejax import train
+
+    cfg, variables, ds, _ = tiny_model
+    f = models.logits_fn(cfg)
+    loss = lambda p, b: models.loss_fn(f(p, b[0]), b[1])  # noqa: E731
+    plain = _variants(variables, wnr_range=(-6.0, 10.0))
+    gated = denoise.gate_learned(plain)
+    # plain SGD: Adam divides each coordinate's step by its gradient's size, so a coefficient whose gradient
+    # is rounding noise (a feature that vanishes at these WNRs) moves by ±learning rate either way
+    kw = dict(key=jax.random.key(12), steps=6, n_draws=2, batch_size=32, optimizer=optax.sgd(0.5))
+    n_compiled = len(train._COMPILED)
+    trained = []
+    for g in gated:
+        den, _ = denoise.train_learned(g, variables, loss, (ds.x_val, ds.y_val), **kw)
+        for c0, c1 in zip(g.coef, den.coef):  # switched-off parts and gates keep their values bit for bit
+            if c0 is not None:
+                for gate, part in (("projection_gate", ("direction",)), ("common_mode_gate", ("cm_direction", "cm_exponent"))):
+                    if gate not in c0:  # a bias: no optional part
+                        continue
+                    np.testing.assert_array_equal(np.asarray(c1[gate]), np.asarray(c0[gate]))
+                    if float(c0[gate]) == 0.0:
+                        for name in part:
+                            np.testing.assert_array_equal(np.asarray(c1[name]), np.asarray(c0[name]))
+        trained.append(denoise.ungate_learned(den))
+    assert len(train._COMPILED) - n_compiled == 1  # one program for the three variants
+    for d, t in zip(plain[::2], trained[::2]):
+        ref, _ = denoise.train_learned(d, variables, loss, (ds.x_val, ds.y_val), **kw)
+        assert jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(t)
+        moved = 0.0
+        for a, b, a0 in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(t), jax.tree_util.tree_leaves(d)):
+            moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(a0)).max()))
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
+        assert moved > 1e-3  # the trainings did move the coefficients
+
+
+def test_gate_learned_rejects_bad_input(tiny_model):
+    _, variables, _, _ = tiny_model
+    other = denoise.init_learned(variables, wnr_range=(0.0, 4.0))
+    with pytest.raises(InvalidArgumentError, match=r"denoisers\[1\] differs"):
+        denoise.gate_learned([denoise.init_learned(variables), other])
+    with pytest.raises(InvalidArgumentError, match="non-empty sequence"):
+        denoise.gate_learned([])
+    g = denoise.gate_learned(_variants(variables))[0]
+    bad = g.replace(coef=tuple(None if c is None else dict(c, projection_gate=jnp.float32(0.5)) for c in g.coef))
+    with pytest.raises(InvalidArgumentError, match="must be 0 or 1"):
+        denoise.ungate_learned(bad)
 
 
 # ----------------------------------------------------------------------------------

@@ -44,37 +44,33 @@ _PB = "compensated MMSE, authors' form (val-selected)"
 __all__ = ["main", "run_model"]
 
 
-def _learned_denoiser(spec, cfg, variables, ds, logits_fn, key, variant, out: Path, progress: bool, recalibrate=None):
+def _learned_denoiser(spec, cfg, variables, ds, loss, key, variant, template, out: Path, progress: bool, *,
+                      gated=None, recalibrate: bool = False):
     """Train (or load from the cache) a learned denoiser of ``spec`` on the validation split.
 
-    With ``recalibrate`` (BatchNorm models) the training loss re-estimates the batch
-    statistics on each minibatch's inputs after denoising, as the evaluation does.
+    ``loss(params, (x, y))`` is the training loss (with ``recalibrate``, one that re-estimates
+    the batch statistics on each minibatch's inputs after denoising, as the evaluation does).
+    ``gated`` (from :func:`noisejax.denoise.gate_learned`) is ``template`` in the structure
+    shared by the model's variants: trained in that form, the variants compile one program.
     """
-    template = denoise.init_learned(
-        variables, wnr_range=spec.learned_wnr_range, per_channel=cfg.learned_per_channel,
-        projection=(variant == "projection"), common_mode=(variant == "common"),
-    )
     recipe = {
-        "what": "learned_denoiser", "version": 4, "variant": variant, "recalibrate": recalibrate is not None,
+        "what": "learned_denoiser", "version": 5, "variant": variant, "recalibrate": recalibrate,
         "model": spec.model.to_dict(), "per_channel": cfg.learned_per_channel, "steps": cfg.learned_steps,
         "draws": cfg.learned_draws, "batch": cfg.learned_batch, "lr": cfg.learned_lr,
         "wnr_range": list(spec.learned_wnr_range), "reference": cfg.reference, "scope": cfg.scope, "seed": cfg.seed,
+        "gated": gated is not None,
     }
 
     def build():
-        if recalibrate is None:
-            loss = lambda p, b: models.loss_fn(logits_fn(p, b[0]), b[1])  # noqa: E731
-        else:
-            loss = lambda p, b: models.loss_fn(logits_fn(recalibrate(p, b[0]), b[0]), b[1])  # noqa: E731
         den, hist = denoise.train_learned(
-            template, variables, loss, (ds.x_val, ds.y_val), key=key, steps=cfg.learned_steps,
-            n_draws=cfg.learned_draws, batch_size=cfg.learned_batch, learning_rate=cfg.learned_lr,
-            reference=cfg.reference, scope=cfg.scope, progress=progress,
+            template if gated is None else gated, variables, loss, (ds.x_val, ds.y_val), key=key,
+            steps=cfg.learned_steps, n_draws=cfg.learned_draws, batch_size=cfg.learned_batch,
+            learning_rate=cfg.learned_lr, reference=cfg.reference, scope=cfg.scope, progress=progress,
         )
         losses = hist["loss"]
         k = max(1, len(losses) // 10)
-        return den, {"seconds": hist["seconds"], "loss_first": float(np.mean(losses[:k])),
-                     "loss_last": float(np.mean(losses[-k:]))}
+        return denoise.ungate_learned(den), {"seconds": hist["seconds"], "loss_first": float(np.mean(losses[:k])),
+                                             "loss_last": float(np.mean(losses[-k:]))}
 
     den, info, status = files.cached(recipe, build, cache_dir=out / "cache", name="denoiser", target=template)
     return jax.tree_util.tree_map(jnp.asarray, den), dict(info, cache=status)
@@ -113,13 +109,22 @@ def _estimators(spec, cfg, variables, ds, f, key, sel: dict, out: Path, progress
     if cfg.recalibrate and "batch_stats" in variables:
         recal = functools.partial(njflax.recalibrate_batch_stats, models.build(spec.model), train=False)
     x_cal = jnp.asarray(ds.x_val)
+    templates = [denoise.init_learned(variables, wnr_range=spec.learned_wnr_range, per_channel=cfg.learned_per_channel,
+                                      projection=(v == "projection"), common_mode=(v == "common"))
+                 for v in cfg.learned_variants]
+    # the variants in one coefficient structure: one compiled training program for all of them
+    # (the MLP's three: 11.1 s of compile -> 5.1 s; the ResNet-1D's: 22.5 s -> 11.8 s)
+    gated = denoise.gate_learned(templates) if len(templates) > 1 else [None] * len(templates)
+    loss = lambda p, b: models.loss_fn(f(p, b[0]), b[1])  # noqa: E731  (one object: one compiled program)
     learned, learn_info = {}, {}
-    for variant in cfg.learned_variants:
+    for variant, template, g in zip(cfg.learned_variants, templates, gated):
         label = _VARIANTS[variant]
-        learned[label], learn_info[label] = _learned_denoiser(spec, cfg, variables, ds, f, key, variant, out, progress)
+        learned[label], learn_info[label] = _learned_denoiser(spec, cfg, variables, ds, loss, key, variant, template,
+                                                              out, progress, gated=g)
         if recal is not None and variant == "common":
-            den, learn_info[label + _RECAL] = _learned_denoiser(spec, cfg, variables, ds, f, key, variant, out, progress,
-                                                                recal)
+            recal_loss = lambda p, b: models.loss_fn(f(recal(p, b[0]), b[0]), b[1])  # noqa: E731
+            den, learn_info[label + _RECAL] = _learned_denoiser(spec, cfg, variables, ds, recal_loss, key, variant,
+                                                                template, out, progress, recalibrate=True)
             learned[label + _RECAL] = denoise.Recalibrated(den, x_cal, recal)
     if "projection" in cfg.learned_variants:  # the untrained projection alone: what the side information buys
         learned["projection only (untrained)"] = denoise.retarget(
