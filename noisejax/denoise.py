@@ -734,14 +734,17 @@ def gate_learned(denoisers: Sequence["LearnedDenoiser"]) -> tuple["LearnedDenois
                 f"gate_learned: denoisers[{i}] differs from denoisers[0] in its leaf entries or static fields "
                 "(leaf count, WNR range, per_channel, leaf_filter, name, bound); build them from the same parameters"
             )
+    for i, d in enumerate(dens):
+        if any(c is not None and any(g in c for g in _GATED_PARTS) for c in d.coef):
+            raise InvalidArgumentError(f"gate_learned: denoisers[{i}] is already gated; ungate_learned it first")
     out = [[] for _ in dens]
-    for k, entries in enumerate(zip(*(d.coef for d in dens))):
+    for entries in zip(*(d.coef for d in dens)):
         if entries[0] is None:
             for o in out:
                 o.append(None)
             continue
         union = {}
-        for gate, part in _GATED_PARTS.items():
+        for part in _GATED_PARTS.values():
             src = next((e for e in entries if part[0] in e), None)
             if src is not None:
                 union.update({name: src[name] for name in part})

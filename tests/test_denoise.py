@@ -523,6 +523,8 @@ def test_gate_learned_rejects_bad_input(tiny_model):
     with pytest.raises(InvalidArgumentError, match="non-empty sequence"):
         denoise.gate_learned([])
     g = denoise.gate_learned(_variants(variables))[0]
+    with pytest.raises(InvalidArgumentError, match="already gated"):
+        denoise.gate_learned([g])
     bad = g.replace(coef=tuple(None if c is None else dict(c, projection_gate=jnp.float32(0.5)) for c in g.coef))
     with pytest.raises(InvalidArgumentError, match="must be 0 or 1"):
         denoise.ungate_learned(bad)
