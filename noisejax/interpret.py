@@ -96,6 +96,7 @@ __all__ = [
     "mark",
     "UnsupportedPrimitiveError",
     "weight_moments",
+    "SwitchedWeights",
     "is_product_model",
 ]
 
@@ -335,6 +336,139 @@ def _moments_and_gains(weight, params: PyTree) -> tuple:
         return weight.weight_moments_with_gains(params)
     mean, var = weight_moments(weight, params)
     return mean, var, None
+
+
+@struct.dataclass
+class SwitchedWeights:
+    """One of several weight models, chosen by a traced ``index``: one compiled program for all of them.
+
+    ``noisy``/``analytic`` programs are compiled per weight model *structure*; models that differ
+    only in a static setting (e.g. :class:`noisejax.hardware.AnalogHardware`'s ``compensation``)
+    each compile their own program.  ``SwitchedWeights(models, index)`` applies
+    ``models[index]`` through :func:`jax.lax.switch`, so the network's program is compiled once
+    and the model is data (a leaf: ``jit`` once, ``vmap``/sweep over it).  Realization ``k``
+    draws what ``models[index]`` draws with ``k`` (the same keys, the same code); the numbers
+    agree to float32 rounding, as XLA optimizes a branch on its own (bitwise for the PCM
+    weights of ``pcm_drift`` and for additive noise, not for the quantizer's division).
+
+    The models' outputs must agree leaf by leaf in dtype and in shape up to broadcasting (a
+    per-leaf scalar variance becomes the leaf's shape).  Where some models report a gain
+    (``apply_with_gains``) or a variance for a leaf and others none, the others get a gain of
+    one or a variance of zero there: the same numbers.  A traced ``index`` outside
+    ``[0, len(models))`` is clamped, as :func:`jax.lax.switch` does.
+
+    Attributes:
+      models: tuple of weight models (``AdditiveWeightNoise``, ``MultiplicativeWeightNoise``,
+        ``Quantization`` or any object with ``apply``/``weight_moments``).
+      index: integer scalar (may be traced): the model in use.
+
+    Example::
+
+        >>> chips = [hw.AnalogHardware(compensation=c) for c in ("readout", "exact", "none")]
+        >>> f = jax.jit(lambda ci, k: noisejax.noisy(model.apply, weight=SwitchedWeights(
+        ...     tuple(c.weights(3600.0) for c in chips), ci))(k, variables, x))
+        >>> ys = [f(ci, key) for ci in range(3)]  # one compiled program
+    """
+
+    models: tuple
+    index: Any = 0
+
+    def __post_init__(self):
+        if isinstance(self.models, list):
+            object.__setattr__(self, "models", tuple(self.models))
+        if not isinstance(self.models, tuple) or not self.models:
+            raise InvalidArgumentError(f"SwitchedWeights.models must be a non-empty tuple of weight models, got {self.models!r}")
+        for m in self.models:
+            if isinstance(m, SwitchedWeights):
+                raise InvalidArgumentError("SwitchedWeights.models must not contain a SwitchedWeights (list its models instead)")
+            _check_weight(m)
+        idx = self.index
+        if isinstance(idx, (bool, np.bool_)) or not (isinstance(idx, (int, np.integer)) or
+                                                     (hasattr(idx, "dtype") and jnp.issubdtype(idx.dtype, jnp.integer))):
+            raise InvalidArgumentError(f"SwitchedWeights.index must be an integer, got {idx!r}")
+        if isinstance(idx, (int, np.integer)) and not 0 <= int(idx) < len(self.models):
+            raise InvalidArgumentError(f"SwitchedWeights.index must be in [0, {len(self.models)}), got {int(idx)}")
+
+    def _switch(self, branch: Callable, fill: Callable, *args):
+        """``branch(models[index], *args)``, its ``None`` leaves where other models have arrays filled by ``fill``."""
+        outs = [jax.eval_shape(functools.partial(branch, m), *args) for m in self.models]
+        structs = [jax.tree_util.tree_structure(o, is_leaf=lambda v: v is None) for o in outs]
+        if len(set(structs)) > 1:
+            raise InvalidArgumentError(f"SwitchedWeights: the models' outputs differ in structure ({structs[0]} vs "
+                                       f"{next(s for s in structs if s != structs[0])})")
+        flat = [jax.tree_util.tree_leaves(o, is_leaf=lambda v: v is None) for o in outs]
+        proto = []
+        kinds = _leaf_kinds(structs[0], len(flat[0]))
+        for i, (col, kind) in enumerate(zip(zip(*flat), kinds)):
+            arrays = {(tuple(c.shape), jnp.dtype(c.dtype)) for c in col if c is not None}
+            try:  # a per-leaf scalar variance (e.g. AdditiveWeightNoise's) broadcasts to the leaf's shape
+                shape = np.broadcast_shapes(*(s for s, _ in arrays)) if kind == "var" or len(arrays) <= 1 else None
+            except ValueError:
+                shape = None
+            if shape is None or len({d for _, d in arrays}) > 1:
+                raise InvalidArgumentError(f"SwitchedWeights: the models' outputs differ in shape/dtype at leaf {i}: "
+                                           f"{sorted(map(str, arrays))}")
+            proto.append((shape, next(iter(arrays))[1]) if arrays else None)
+
+        def run(m, *a):
+            leaves, treedef = jax.tree_util.tree_flatten(branch(m, *a), is_leaf=lambda v: v is None)
+            leaves = [(fill(kind, p) if v is None else jnp.broadcast_to(v, p[0])) if p is not None else v
+                      for v, p, kind in zip(leaves, proto, kinds)]
+            return jax.tree_util.tree_unflatten(treedef, leaves)
+
+        if len(self.models) == 1:
+            return run(self.models[0], *args)
+        return jax.lax.switch(jnp.asarray(self.index, jnp.int32), [functools.partial(run, m) for m in self.models], *args)
+
+    def apply_with_gains(self, params: PyTree, *, key: Array) -> tuple[PyTree, PyTree]:
+        """``models[index]``'s realization and gains (gains of one where another model reports some)."""
+        def branch(m, p, k):
+            new, g = _apply_and_gains(m, p, k)
+            return new, _full_tree(p, g)
+
+        return self._switch(branch, _fill, params, key)
+
+    def apply(self, params: PyTree, *, key: Array) -> PyTree:
+        return self.apply_with_gains(params, key=key)[0]
+
+    def weight_moments_with_gains(self, params: PyTree) -> tuple[PyTree, PyTree, PyTree]:
+        """``models[index]``'s ``(mean, variance, gains)`` (zeros / ones where another model reports some)."""
+        def branch(m, p):
+            mean, var, g = _moments_and_gains(m, p)
+            return mean, _full_tree(p, var), _full_tree(p, g)
+
+        return self._switch(branch, _fill, params)
+
+    def weight_moments(self, params: PyTree) -> tuple[PyTree, PyTree]:
+        return self.weight_moments_with_gains(params)[:2]
+
+
+def _leaf_kinds(treedef, n: int) -> list:
+    """Which output each flat leaf belongs to: ``("params"|"mean", "var", "gain")`` position of a 2- or 3-tuple."""
+    children = treedef.children()
+    kinds = []
+    for pos, child in enumerate(children):
+        kinds += [("value", "var", "gain")[pos] if len(children) == 3 else ("value", "gain")[pos]] * child.num_leaves
+    assert len(kinds) == n
+    return kinds
+
+
+def _full_tree(params: PyTree, tree: Any) -> PyTree:
+    """``tree`` (``None`` for all leaves allowed) with ``params``' structure, ``None`` per empty leaf."""
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), _per_leaf(params, tree))
+
+
+def _fill(kind: str, proto: tuple) -> Array:
+    """The neutral entry of a leaf a model leaves empty: zero variance, unit gain."""
+    shape, dtype = proto
+    return jnp.zeros(shape, dtype) if kind == "var" else jnp.ones(shape, dtype)
+
+
+def _apply_and_gains(weight, params: PyTree, key: Array) -> tuple:
+    """``(params realization, gains)`` of a weight model (``gains`` None when it reports none)."""
+    if hasattr(weight, "apply_with_gains"):
+        return weight.apply_with_gains(params, key=key)
+    return weight.apply(params, key=key), None
 
 
 def _per_leaf(params: PyTree, tree: Any) -> list:

@@ -19,6 +19,76 @@ os.environ["NOISEJAX_CACHE"] = _CACHE
 os.environ.pop("NOISEJAX_COMPILATION_CACHE", None)
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# Compiled programs: JAX's persistent compilation cache, one folder for this pytest run shared by
+# its xdist workers (named after the run's id), so a program one test compiled is loaded, not
+# compiled again, by the next test that builds the same program (the executable is the same; the
+# numbers do not change).  Programs that compile in under 0.2 s are not stored.  The controller
+# deletes the folder when the run ends.  ``NOISEJAX_TESTS_JAX_CACHE=off`` switches it off.
+_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+_JAX_CACHE = (None if os.environ.get("NOISEJAX_TESTS_JAX_CACHE", "").lower() in ("off", "0", "false")
+              else os.path.join(tempfile.gettempdir(), f"noisejax-tests-jax-{_RUN_ID or os.getpid()}"))
+if _JAX_CACHE is not None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if _RUN_ID is None:  # no xdist: this process owns the folder
+        atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
+
+
+def pytest_sessionfinish(session):
+    if _JAX_CACHE is not None and _RUN_ID is not None and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_JAX_CACHE, ignore_errors=True)  # the xdist controller, after its workers
+
+
+@pytest.fixture
+def without_session_compilation_cache():
+    """This test runs with JAX's persistent compilation cache switched off (restored afterwards)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax_cache.reset_cache()
+    yield
+    for n, v in before.items():
+        jax.config.update(n, v)
+    jax_cache.reset_cache()
+
+
+if os.environ.get("NOISEJAX_TESTS_COMPILE_STATS"):  # measurement: compile seconds and cache hits per test
+    import json
+
+    import jax
+
+    _STATS = {"compile_s": 0.0, "saved_s": 0.0, "hits": 0, "misses": 0}
+
+    def _on_duration(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            _STATS["compile_s"] += duration
+        elif event == "/jax/compilation_cache/compile_time_saved_sec":
+            _STATS["saved_s"] += duration
+
+    def _on_event(event, **_):
+        if event == "/jax/compilation_cache/cache_hits":
+            _STATS["hits"] += 1
+        elif event == "/jax/compilation_cache/cache_misses":
+            _STATS["misses"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    jax.monitoring.register_event_listener(_on_event)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before = dict(_STATS)
+        yield
+        row = {k: _STATS[k] - before[k] for k in _STATS}
+        with open(os.environ["NOISEJAX_TESTS_COMPILE_STATS"], "a") as fh:
+            fh.write(json.dumps({"test": item.nodeid, **row}) + "\n")
+
 
 def run_on_host_devices(script: str, n_devices: int, *args: str) -> None:
     """Run ``python -c script *args`` in a fresh process whose JAX sees the CPU as ``n_devices`` devices."""

@@ -685,3 +685,91 @@ def test_convolution_variants_are_exact(strides, dilation, groups, padding):
     pv = noisejax.analytic(pooled, weight=wn)(p, x).var
     Jp = jax.jacobian(lambda ww: pooled({"W": ww, "b": b}, x).ravel())(W).reshape(-1, W.size)
     np.testing.assert_allclose(np.asarray(pv).ravel(), s2 * np.sum(np.asarray(Jp) ** 2, axis=1), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------
+# SwitchedWeights: several weight models, one compiled program
+# ----------------------------------------------------------------------------------
+
+
+def _small_mlp():
+    r = np.random.default_rng(3)
+    params = {"l0": {"w": jnp.asarray(r.normal(size=(6, 9)) / 2.5, jnp.float32), "b": jnp.zeros(9, jnp.float32)},
+              "l1": {"w": jnp.asarray(r.normal(size=(9, 4)) / 3.0, jnp.float32), "b": jnp.full(4, 0.1, jnp.float32)}}
+
+    def f(p, x):
+        return jnp.tanh(x @ p["l0"]["w"] + p["l0"]["b"]) @ p["l1"]["w"] + p["l1"]["b"]
+
+    return f, params, jnp.asarray(r.uniform(-1, 1, size=(5, 6)), jnp.float32)
+
+
+def test_switched_weights_give_each_model_exactly_with_one_program():
+    """noisy/analytic with SwitchedWeights(models, i) == with models[i] (the same draws; to float32 rounding: XLA
+    compiles a branch on its own, e.g. the quantizer's division rounded differently), one compiled program for every i;
+    a model without variance or gains gets zeros/ones."""
+    f, params, x = _small_mlp()
+    matrices = lambda path, leaf: noise.path_names(path)[-1] == "w"  # noqa: E731
+
+    class Gained:  # a device-like model: w·(1 + ε)·g with a digital gain g reported per matrix (PCM's protocol)
+        def apply_with_gains(self, p, *, key):
+            g = {n: {"w": jnp.full((1, 1), 1.5), "b": None} for n in p}
+            new = {n: {"w": p[n]["w"] * (1 + 0.1 * jax.random.normal(jax.random.fold_in(key, i), p[n]["w"].shape)) * 1.5,
+                       "b": p[n]["b"]} for i, n in enumerate(sorted(p))}
+            return new, g
+
+        def apply(self, p, *, key):
+            return self.apply_with_gains(p, key=key)[0]
+
+        def weight_moments_with_gains(self, p):
+            mean = {n: {"w": 1.5 * p[n]["w"], "b": p[n]["b"]} for n in p}
+            var = {n: {"w": jnp.square(0.15 * p[n]["w"]), "b": None} for n in p}
+            return mean, var, {n: {"w": jnp.full((1, 1), 1.5), "b": None} for n in p}
+
+        def weight_moments(self, p):
+            return self.weight_moments_with_gains(p)[:2]
+
+    models = (noise.AdditiveWeightNoise(15.0, leaf_filter=matrices),  # a scalar variance per leaf
+              noise.MultiplicativeWeightNoise(0.02, leaf_filter=matrices),
+              noise.Quantization(4, leaf_filter=matrices),  # round to nearest: no variance
+              Gained())  # gains (the others: none)
+    key = jax.random.key(5)
+    switched = jax.jit(lambda i, k: noisejax.noisy(f, weight=interpret.SwitchedWeights(models, i))(k, params, x))
+    moments_sw = jax.jit(lambda i: noisejax.analytic(f, weight=interpret.SwitchedWeights(models, i))(params, x))
+    for i, m in enumerate(models):
+        alone = jax.jit(lambda k, m=m: noisejax.noisy(f, weight=m)(k, params, x))(key)
+        np.testing.assert_allclose(np.asarray(switched(i, key)), np.asarray(alone), rtol=2e-6, atol=1e-7, err_msg=str(i))
+        ref = noisejax.analytic(f, weight=m)(params, x)
+        got = moments_sw(i)
+        np.testing.assert_allclose(np.asarray(got.mean), np.asarray(ref.mean), rtol=1e-5, atol=1e-6, err_msg=str(i))
+        np.testing.assert_allclose(np.asarray(got.var), np.asarray(ref.var), rtol=1e-5, atol=1e-9, err_msg=str(i))
+    assert switched._cache_size() == 1 and moments_sw._cache_size() == 1
+    mean, var, gains = interpret.SwitchedWeights(models, 2).weight_moments_with_gains(params)
+    assert float(jnp.max(var["l0"]["w"])) == 0.0 and var["l0"]["b"] is None  # zero variance where another has some
+    assert np.all(np.asarray(gains["l1"]["w"]) == 1.0) and gains["l1"]["b"] is None  # unit gain where another has one
+    with pytest.raises(AssertionError):  # the models do differ (the check can fail)
+        np.testing.assert_array_equal(np.asarray(switched(0, key)), np.asarray(switched(1, key)))
+
+
+def test_switched_weights_rejects_bad_input():
+    f, params, x = _small_mlp()
+    ok = noise.AdditiveWeightNoise(20.0)
+    with pytest.raises(errors.InvalidArgumentError, match="non-empty tuple"):
+        interpret.SwitchedWeights((), 0)
+    with pytest.raises(errors.InvalidArgumentError, match=r"index must be in \[0, 2\)"):
+        interpret.SwitchedWeights((ok, ok), 2)
+    with pytest.raises(errors.InvalidArgumentError, match="index must be an integer"):
+        interpret.SwitchedWeights((ok, ok), 0.5)
+    with pytest.raises(errors.InvalidArgumentError, match="weight must be"):
+        interpret.SwitchedWeights((ok, "noise"), 0)
+    with pytest.raises(errors.InvalidArgumentError, match="must not contain a SwitchedWeights"):
+        interpret.SwitchedWeights((ok, interpret.SwitchedWeights((ok,), 0)), 0)
+
+    class Reshaping:  # a weight model whose realization changes a leaf's shape
+        def apply(self, p, *, key):
+            return jax.tree_util.tree_map(lambda a: a[:1], p)
+
+        def weight_moments(self, p):
+            return p, None
+
+    with pytest.raises(errors.InvalidArgumentError, match="differ in shape"):
+        interpret.SwitchedWeights((ok, Reshaping()), 0).apply(params, key=jax.random.key(0))

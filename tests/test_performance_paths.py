@@ -84,13 +84,12 @@ def test_prune_compilation_cache_drops_the_least_recently_used_entries(tmp_path)
         study_files.prune_compilation_cache(tmp_path, max_bytes=-1)
 
 
-def test_compilation_cache_is_on_only_inside_the_command(monkeypatch, tmp_path):
+def test_compilation_cache_is_on_only_inside_the_command(monkeypatch, tmp_path, without_session_compilation_cache):
     """The command line switches JAX's cache on for one command; programs compiled afterwards in
     the same process (a test suite, a notebook calling cli.main) are not written to disk."""
     from noisejax import cli
 
-    if jax.config.jax_compilation_cache_dir:
-        pytest.skip("a JAX compilation cache folder is configured for this process")
+    assert not jax.config.jax_compilation_cache_dir
     cache = tmp_path / "c"
     monkeypatch.setenv(study_files.COMPILATION_CACHE_ENV, str(cache))
 

@@ -37,6 +37,7 @@ import optax
 import noisejax
 from noisejax import data, layers, rng, simulate, train
 from noisejax import hardware as hw
+from noisejax.interpret import SwitchedWeights
 from noisejax.study import models
 from noisejax.study.claims import Result, claim
 from noisejax.study.files import cached_point, load_arrays, save_arrays
@@ -280,7 +281,9 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
               "mc": {}, "analytic": {}}
     g = _logits_and_pairs(f)
 
-    for comp in COMPENSATIONS:
+    # Monte Carlo: one compiled program per compensation (switching the compensation inside one program compiles
+    # longer than the three: their weight models, not the network, are most of the program)
+    for ci, comp in enumerate(COMPENSATIONS):
         chip = chips[comp]
 
         def one(p, k):  # one programming (the realization key), read at every time
@@ -291,7 +294,7 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
 
         run = jax.jit(lambda p, keys: jax.lax.map(lambda k: one(p, k), keys, batch_size=max(cfg.chunk, 1)))
         for m in MODELS if comp != "none" else ("plain",):
-            keys = simulate.realization_keys(jax.random.fold_in(key, COMPENSATIONS.index(comp)), jnp.arange(cfg.resnet_realizations))
+            keys = simulate.realization_keys(jax.random.fold_in(key, ci), jnp.arange(cfg.resnet_realizations))
 
             def point():
                 acc = np.asarray(run(params[m], keys))
@@ -301,15 +304,17 @@ def resnet_part(cfg, out: Path, key) -> tuple[dict, int]:
                                                          key={**ident, "config": cfg, "m": m, "comp": comp})
             reused += int(r)
 
-    # analytic: one compiled program per compensation for every time (a loop over t: vmap over t is slower on the CPU;
-    # both compensations in one program makes XLA:CPU's compile take minutes)
-    for c in (c for c in COMPENSATIONS if c != "none"):
-        moments_at = jax.jit(lambda p, t, c=c: noisejax.analytic(g, weight=chips[c].weights(t))({"params": p, "batch_stats": bs}, x))
+    # analytic: one compiled program for every time and both compensations (a loop over t: vmap over t is slower on
+    # the CPU; the compensation chosen by lax.switch, not two propagations in one program, which compile for minutes)
+    compensated = tuple(c for c in COMPENSATIONS if c != "none")
+    moments_at = jax.jit(lambda p, t, ci: noisejax.analytic(g, weight=SwitchedWeights(
+        tuple(chips[c].weights(t) for c in compensated), ci))({"params": p, "batch_stats": bs}, x))
+    for ci, c in enumerate(compensated):
         for m in MODELS:
             def analytic_point():
                 acc = []
                 for i, t in enumerate(cfg.times):
-                    pred = moments_at(params[m], jnp.float32(t))
+                    pred = moments_at(params[m], jnp.float32(t), ci)
                     (mean, _), (var, var_pairs) = pred.mean, pred.var
                     kk = jax.random.fold_in(jax.random.fold_in(key, 10 + COMPENSATIONS.index(c)), i)
                     acc.append(_gaussian_accuracy(mean, _covariance_from_pairs(var, var_pairs), y, kk, cfg.analytic_samples))
