@@ -389,8 +389,8 @@ class SwitchedWeights:
         if isinstance(idx, (int, np.integer)) and not 0 <= int(idx) < len(self.models):
             raise InvalidArgumentError(f"SwitchedWeights.index must be in [0, {len(self.models)}), got {int(idx)}")
 
-    def _switch(self, branch: Callable, fill: Callable, *args):
-        """``branch(models[index], *args)``, its ``None`` leaves where other models have arrays filled by ``fill``."""
+    def _switch(self, branch: Callable, *args):
+        """``branch(models[index], *args)``, its ``None`` leaves where other models have arrays filled (:func:`_fill`)."""
         outs = [jax.eval_shape(functools.partial(branch, m), *args) for m in self.models]
         structs = [jax.tree_util.tree_structure(o, is_leaf=lambda v: v is None) for o in outs]
         if len(set(structs)) > 1:
@@ -412,7 +412,7 @@ class SwitchedWeights:
 
         def run(m, *a):
             leaves, treedef = jax.tree_util.tree_flatten(branch(m, *a), is_leaf=lambda v: v is None)
-            leaves = [(fill(kind, p) if v is None else jnp.broadcast_to(v, p[0])) if p is not None else v
+            leaves = [(_fill(kind, p) if v is None else jnp.broadcast_to(v, p[0])) if p is not None else v
                       for v, p, kind in zip(leaves, proto, kinds)]
             return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -426,7 +426,7 @@ class SwitchedWeights:
             new, g = _apply_and_gains(m, p, k)
             return new, _full_tree(p, g)
 
-        return self._switch(branch, _fill, params, key)
+        return self._switch(branch, params, key)
 
     def apply(self, params: PyTree, *, key: Array) -> PyTree:
         return self.apply_with_gains(params, key=key)[0]
@@ -437,14 +437,14 @@ class SwitchedWeights:
             mean, var, g = _moments_and_gains(m, p)
             return mean, _full_tree(p, var), _full_tree(p, g)
 
-        return self._switch(branch, _fill, params)
+        return self._switch(branch, params)
 
     def weight_moments(self, params: PyTree) -> tuple[PyTree, PyTree]:
         return self.weight_moments_with_gains(params)[:2]
 
 
 def _leaf_kinds(treedef, n: int) -> list:
-    """Which output each flat leaf belongs to: ``("params"|"mean", "var", "gain")`` position of a 2- or 3-tuple."""
+    """What each flat leaf of a ``(value, gain)`` or ``(value, var, gain)`` output is: ``"value"``, ``"var"`` or ``"gain"``."""
     children = treedef.children()
     kinds = []
     for pos, child in enumerate(children):
@@ -459,7 +459,7 @@ def _full_tree(params: PyTree, tree: Any) -> PyTree:
 
 
 def _fill(kind: str, proto: tuple) -> Array:
-    """The neutral entry of a leaf a model leaves empty: zero variance, unit gain."""
+    """The neutral entry of a leaf a model leaves empty: zero variance, unit gain (values are never empty)."""
     shape, dtype = proto
     return jnp.zeros(shape, dtype) if kind == "var" else jnp.ones(shape, dtype)
 
@@ -493,14 +493,11 @@ def _perturb(args, nums, weight, key):
     gains = {}
     for j, p in enumerate(nums):
         k = jax.random.fold_in(jax.random.fold_in(key, _WEIGHT_TAG), j)
-        if hasattr(weight, "apply_with_gains"):
-            new, g = weight.apply_with_gains(args[p], key=k)
-            for i, gi in enumerate(_per_leaf(args[p], g)):
-                if gi is not None:
-                    gains[offsets[p] + i] = gi
-            args[p] = new
-        else:
-            args[p] = weight.apply(args[p], key=k)
+        new, g = _apply_and_gains(weight, args[p], k)
+        for i, gi in enumerate(_per_leaf(args[p], g)):
+            if gi is not None:
+                gains[offsets[p] + i] = gi
+        args[p] = new
     return tuple(args), gains
 
 

@@ -19,27 +19,25 @@ os.environ["NOISEJAX_CACHE"] = _CACHE
 os.environ.pop("NOISEJAX_COMPILATION_CACHE", None)
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
-# Compiled programs: JAX's persistent compilation cache, one folder for this pytest run shared by
-# its xdist workers (named after the run's id), so a program one test compiled is loaded, not
-# compiled again, by the next test that builds the same program (the executable is the same; the
-# numbers do not change).  Programs that compile in under 0.2 s are not stored.  The controller
-# deletes the folder when the run ends.  ``NOISEJAX_TESTS_JAX_CACHE=off`` switches it off.
-_RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-_JAX_CACHE = (None if os.environ.get("NOISEJAX_TESTS_JAX_CACHE", "").lower() in ("off", "0", "false")
-              else os.path.join(tempfile.gettempdir(), f"noisejax-tests-jax-{_RUN_ID or os.getpid()}"))
-if _JAX_CACHE is not None:
+# Compiled programs: JAX's persistent compilation cache, one folder for the whole pytest run,
+# shared by its xdist workers, so a program one test compiled is loaded, not compiled again, by
+# the next test that builds the same program (the same executable: the numbers do not change).
+# Programs that compile in under 0.2 s are not stored.  The process that starts the run (xdist's
+# controller, or pytest without xdist) creates the folder, hands it to its workers through the
+# environment and deletes it at exit.  ``NOISEJAX_TESTS_JAX_CACHE=off`` switches it off.
+_JAX_CACHE_ENV = "NOISEJAX_TESTS_JAX_CACHE_DIR"
+_JAX_CACHE = None
+if os.environ.get("NOISEJAX_TESTS_JAX_CACHE", "").lower() not in ("off", "0", "false"):
+    _JAX_CACHE = os.environ.get(_JAX_CACHE_ENV)
+    if _JAX_CACHE is None:  # this process starts the run
+        _JAX_CACHE = tempfile.mkdtemp(prefix="noisejax-tests-jax-")
+        os.environ[_JAX_CACHE_ENV] = _JAX_CACHE
+        atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
     import jax
 
     jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if _RUN_ID is None:  # no xdist: this process owns the folder
-        atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
-
-
-def pytest_sessionfinish(session):
-    if _JAX_CACHE is not None and _RUN_ID is not None and not hasattr(session.config, "workerinput"):
-        shutil.rmtree(_JAX_CACHE, ignore_errors=True)  # the xdist controller, after its workers
 
 
 @pytest.fixture
