@@ -46,9 +46,9 @@ def without_session_compilation_cache():
     import jax
     from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {n: getattr(jax.config, n) for n in names}
+    from noisejax.study.files import _CACHE_OPTIONS  # the settings the command line's cache changes
+
+    before = {n: getattr(jax.config, n) for n in _CACHE_OPTIONS}
     jax.config.update("jax_compilation_cache_dir", None)
     jax_cache.reset_cache()
     yield
